@@ -1,0 +1,404 @@
+"""Backpack-GPT2 as Flax linen modules, and the `init` / `apply` functions users call.
+
+The parameter tree mirrors the Hugging Face module tree (`backpack/gpt2_model/h_3/attn/c_attn`
+is `backpack.gpt2_model.h.3.attn.c_attn`), so the converter's name mapping reads like a table.
+
+One code path serves the full forward pass and cached decoding: every attention takes queries for
+the new positions and keys for all positions it may see (`attend_BxSxT`); with a `DecodeCache`
+the new keys, values and sense vectors are first written into fixed-size buffers at
+`cache_index`. The full pass is the special case T = S with no cache.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Protocol
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from backpack_jax.config import BackpackConfig
+
+Params = Any
+# HF's weight network adds this constant above the diagonal (not -inf); we keep it for parity.
+WEIGHT_NET_MASK_VALUE = -10000.0
+
+
+@flax.struct.dataclass
+class BackpackOutput:
+    logits: jax.Array  # [B, S, V], float32
+    contextualization: jax.Array | None = None  # [B, K, S, T] alpha, when asked
+    senses: jax.Array | None = None  # [B, K, S, D] sense vectors, when asked
+
+
+@flax.struct.dataclass
+class DecodeCache:
+    """Everything decoding needs about the prefix, in buffers of length T (the length budget)."""
+
+    keys: tuple[jax.Array, ...]  # per GPT-2 layer [B, T, H, Dh]
+    values: tuple[jax.Array, ...]  # per GPT-2 layer [B, T, H, Dh]
+    sense_keys_BxTxKxE: jax.Array  # weight-network keys
+    senses_BxTxKxD: jax.Array  # sense vectors of the tokens seen so far
+
+    @classmethod
+    def zeros(cls, config: BackpackConfig, batch: int, length: int,
+              dtype: Any = jnp.float32) -> "DecodeCache":
+        kv = jnp.zeros((batch, length, config.n_head, config.head_dim), dtype)
+        return cls(keys=(kv,) * config.n_layer, values=(kv,) * config.n_layer,
+                   sense_keys_BxTxKxE=jnp.zeros(
+                       (batch, length, config.num_senses, config.sense_head_dim), dtype),
+                   senses_BxTxKxD=jnp.zeros(
+                       (batch, length, config.num_senses, config.n_embd), dtype))
+
+
+class SenseEdit(Protocol):
+    """Anything that rewrites sense vectors given the tokens they belong to (see senses.py)."""
+
+    def edit(self, input_ids_BxS: jax.Array, senses_BxSxKxD: jax.Array) -> jax.Array: ...
+
+
+def _write(buffer_BxTx: jax.Array, new_BxSx: jax.Array, index: jax.Array) -> jax.Array:
+    """Writes `new` into `buffer` along axis 1 starting at `index`."""
+    start = (0, index) + (0,) * (buffer_BxTx.ndim - 2)
+    return jax.lax.dynamic_update_slice(buffer_BxTx, new_BxSx.astype(buffer_BxTx.dtype), start)
+
+
+def _dense(features: int, std: float, dtype: Any, name: str | None = None) -> nn.Dense:
+    return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32,
+                    kernel_init=nn.initializers.normal(std), bias_init=nn.initializers.zeros,
+                    name=name)
+
+
+def _layer_norm(config: BackpackConfig, name: str) -> nn.LayerNorm:
+    """LayerNorm computed in float32 whatever the compute dtype."""
+    return nn.LayerNorm(epsilon=config.layer_norm_epsilon, dtype=jnp.float32,
+                        param_dtype=jnp.float32, name=name)
+
+
+class MLP(nn.Module):
+    """c_fc -> gelu_new -> c_proj -> dropout, as every MLP in the HF model."""
+
+    config: BackpackConfig
+    hidden: int
+    out: int
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        cfg = self.config
+        h = _dense(self.hidden, cfg.initializer_range, self.dtype, "c_fc")(x)
+        h = jax.nn.gelu(h, approximate=True)  # gelu_new is the tanh approximation.
+        proj_std = cfg.initializer_range / math.sqrt(2 * cfg.n_layer)
+        h = _dense(self.out, proj_std, self.dtype, "c_proj")(h)
+        return nn.Dropout(cfg.resid_pdrop, deterministic=not train)(h)
+
+
+class Attention(nn.Module):
+    """GPT-2 causal self-attention, optionally reading and writing a KV cache."""
+
+    config: BackpackConfig
+    layer_idx: int
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x_BxSxD: jax.Array, attend_BxSxT: jax.Array, train: bool,
+                 kv: tuple[jax.Array, jax.Array] | None, cache_index: jax.Array | int
+                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        cfg = self.config
+        B, S, D = x_BxSxD.shape
+        qkv = _dense(3 * D, cfg.initializer_range, self.dtype, "c_attn")(x_BxSxD)
+        q_BxSxHxE, k_BxSxHxE, v_BxSxHxE = (
+            t.reshape(B, S, cfg.n_head, cfg.head_dim) for t in jnp.split(qkv, 3, axis=-1))
+        if kv is not None:
+            kv = (_write(kv[0], k_BxSxHxE, cache_index), _write(kv[1], v_BxSxHxE, cache_index))
+            k_BxSxHxE, v_BxSxHxE = kv
+        scale = 1.0
+        if cfg.scale_attn_weights:
+            scale /= math.sqrt(cfg.head_dim)
+        if cfg.scale_attn_by_inverse_layer_idx:
+            scale /= self.layer_idx + 1
+        scores_BxHxSxT = jnp.einsum("bshe,bthe->bhst", q_BxSxHxE, k_BxSxHxE.astype(self.dtype),
+                                    preferred_element_type=jnp.float32) * scale
+        scores_BxHxSxT = jnp.where(attend_BxSxT[:, None], scores_BxHxSxT,
+                                   jnp.finfo(jnp.float32).min)
+        probs_BxHxSxT = jax.nn.softmax(scores_BxHxSxT, axis=-1)
+        probs_BxHxSxT = nn.Dropout(cfg.attn_pdrop, deterministic=not train)(probs_BxHxSxT)
+        out_BxSxHxE = jnp.einsum("bhst,bthe->bshe", probs_BxHxSxT.astype(self.dtype),
+                                 v_BxSxHxE.astype(self.dtype))
+        proj_std = cfg.initializer_range / math.sqrt(2 * cfg.n_layer)
+        out = _dense(D, proj_std, self.dtype, "c_proj")(out_BxSxHxE.reshape(B, S, D))
+        return nn.Dropout(cfg.resid_pdrop, deterministic=not train)(out), kv
+
+
+class Block(nn.Module):
+    """Pre-LN GPT-2 block."""
+
+    config: BackpackConfig
+    layer_idx: int
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x_BxSxD, attend_BxSxT, train, kv, cache_index):
+        cfg = self.config
+        h = _layer_norm(cfg, "ln_1")(x_BxSxD).astype(self.dtype)
+        a, kv = Attention(cfg, self.layer_idx, self.dtype, name="attn")(
+            h, attend_BxSxT, train, kv, cache_index)
+        x_BxSxD = x_BxSxD + a
+        h = _layer_norm(cfg, "ln_2")(x_BxSxD).astype(self.dtype)
+        x_BxSxD = x_BxSxD + MLP(cfg, cfg.inner_dim, cfg.n_embd, self.dtype, name="mlp")(h, train)
+        return x_BxSxD, kv
+
+
+class GPT2Model(nn.Module):
+    """The GPT-2 Transformer that produces the contextualization weights' inputs."""
+
+    config: BackpackConfig
+    dtype: Any
+
+    def setup(self):
+        cfg = self.config
+        embed_init = nn.initializers.normal(cfg.initializer_range)
+        self.wte = nn.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=embed_init,
+                            param_dtype=jnp.float32)
+        self.wpe = nn.Embed(cfg.n_positions, cfg.n_embd, embedding_init=embed_init,
+                            param_dtype=jnp.float32)
+        self.drop = nn.Dropout(cfg.embd_pdrop)
+        self.h = [Block(cfg, i, self.dtype) for i in range(cfg.n_layer)]
+        self.ln_f = _layer_norm(cfg, "ln_f")
+
+    def __call__(self, input_ids_BxS, position_ids_BxS, attend_BxSxT, train, cache, cache_index):
+        x_BxSxD = self.wte(input_ids_BxS) + self.wpe(position_ids_BxS)
+        x_BxSxD = self.drop(x_BxSxD, deterministic=not train)
+        new_kv = []
+        for i, block in enumerate(self.h):
+            kv = None if cache is None else (cache.keys[i], cache.values[i])
+            x_BxSxD, kv = block(x_BxSxD, attend_BxSxT, train, kv, cache_index)
+            new_kv.append(kv)
+        return self.ln_f(x_BxSxD).astype(self.dtype), new_kv
+
+
+class SenseNetwork(nn.Module):
+    """Maps each token's embedding to K sense vectors; no positions, no mixing across tokens."""
+
+    config: BackpackConfig
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, embeds_BxSxD: jax.Array, train: bool) -> jax.Array:
+        cfg = self.config
+        residual = nn.Dropout(cfg.embd_pdrop, deterministic=not train)(embeds_BxSxD)
+        h = _layer_norm(cfg, "ln")(residual).astype(self.dtype)
+        h = NoMixBlock(cfg, self.dtype, name="block")(h, residual, train)
+        senses = MLP(cfg, cfg.sense_intermediate_scale * cfg.n_embd,
+                     cfg.num_senses * cfg.n_embd, self.dtype, name="final_mlp")(h, train)
+        B, S, _ = senses.shape
+        # The projection's output index is sense * D + feature (sense-major).
+        return senses.reshape(B, S, cfg.num_senses, cfg.n_embd)
+
+
+class NoMixBlock(nn.Module):
+    """The sense network's residual block: takes (hidden, residual), mixes no positions."""
+
+    config: BackpackConfig
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, h_BxSxD, residual_BxSxD, train):
+        cfg = self.config
+        residual_BxSxD = (nn.Dropout(cfg.resid_pdrop, deterministic=not train)(h_BxSxD)
+                          + residual_BxSxD)
+        h = _layer_norm(cfg, "ln_1")(residual_BxSxD).astype(self.dtype)
+        residual_BxSxD = residual_BxSxD + nn.Dropout(cfg.resid_pdrop, deterministic=not train)(
+            MLP(cfg, 4 * cfg.n_embd, cfg.n_embd, self.dtype, name="mlp")(h, train))
+        return _layer_norm(cfg, "ln_2")(residual_BxSxD).astype(self.dtype)
+
+
+class WeightNetwork(nn.Module):
+    """Per-sense queries and keys from the GPT-2 states (no values, no dropout)."""
+
+    config: BackpackConfig
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, h_BxSxD: jax.Array) -> tuple[jax.Array, jax.Array]:
+        cfg = self.config
+        B, S, _ = h_BxSxD.shape
+        qk = _dense(2 * cfg.n_embd, cfg.initializer_range, self.dtype, "c_attn")(h_BxSxD)
+        # Output index = (query|key) * D + sense * E + feature.
+        qk_BxSx2xKxE = qk.reshape(B, S, 2, cfg.num_senses, cfg.sense_head_dim)
+        return qk_BxSx2xKxE[:, :, 0], qk_BxSx2xKxE[:, :, 1]
+
+
+def contextualization_weights(q_BxSxKxE: jax.Array, k_BxTxKxE: jax.Array,
+                              attend_BxSxT: jax.Array) -> jax.Array:
+    """alpha: softmax over source positions of the scaled per-sense scores, in float32."""
+    scale = 1.0 / math.sqrt(q_BxSxKxE.shape[-1])
+    scores_BxKxSxT = jnp.einsum("bske,btke->bkst", q_BxSxKxE, k_BxTxKxE.astype(q_BxSxKxE.dtype),
+                                preferred_element_type=jnp.float32) * scale
+    scores_BxKxSxT = scores_BxKxSxT + jnp.where(attend_BxSxT[:, None], 0.0, WEIGHT_NET_MASK_VALUE)
+    return jax.nn.softmax(scores_BxKxSxT, axis=-1)
+
+
+class Backpack(nn.Module):
+    """The Backpack: a weighted sum of sense vectors, then the tied LM head."""
+
+    config: BackpackConfig
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        self.gpt2_model = GPT2Model(self.config, self.dtype)
+        self.sense_network = SenseNetwork(self.config, self.dtype)
+        self.sense_weight_net = WeightNetwork(self.config, self.dtype)
+
+    def senses(self, input_ids_BxS: jax.Array, train: bool = False) -> jax.Array:
+        """Sense vectors [B, S, K, D] of each token (they depend on the token alone)."""
+        return self.sense_network(self.gpt2_model.wte(input_ids_BxS), train)
+
+    def __call__(self, input_ids_BxS, position_ids_BxS, attend_BxSxT, *, train=False,
+                 cache: DecodeCache | None = None, cache_index=0,
+                 sense_edit: SenseEdit | None = None,
+                 contextualization_BxKxSxT: jax.Array | None = None,
+                 return_contextualization=False, return_senses=False):
+        h_BxSxD, new_kv = self.gpt2_model(input_ids_BxS, position_ids_BxS, attend_BxSxT, train,
+                                          cache, cache_index)
+        q_BxSxKxE, k_BxSxKxE = self.sense_weight_net(h_BxSxD)
+        senses_BxSxKxD = self.senses(input_ids_BxS, train)
+        if sense_edit is not None:
+            senses_BxSxKxD = sense_edit.edit(input_ids_BxS, senses_BxSxKxD)
+        new_cache = None
+        if cache is not None:
+            new_cache = DecodeCache(
+                keys=tuple(kv[0] for kv in new_kv), values=tuple(kv[1] for kv in new_kv),
+                sense_keys_BxTxKxE=_write(cache.sense_keys_BxTxKxE, k_BxSxKxE, cache_index),
+                senses_BxTxKxD=_write(cache.senses_BxTxKxD, senses_BxSxKxD, cache_index))
+            k_BxSxKxE, senses_BxSxKxD = new_cache.sense_keys_BxTxKxE, new_cache.senses_BxTxKxD
+        alpha_BxKxSxT = contextualization_BxKxSxT
+        if alpha_BxKxSxT is None:
+            alpha_BxKxSxT = contextualization_weights(q_BxSxKxE, k_BxSxKxE, attend_BxSxT)
+        o_BxSxD = jnp.einsum("bkst,btkd->bsd", alpha_BxKxSxT.astype(self.dtype),
+                             senses_BxSxKxD.astype(self.dtype),
+                             preferred_element_type=jnp.float32)
+        wte_VxD = self.gpt2_model.wte.embedding
+        logits_BxSxV = jnp.einsum("bsd,vd->bsv", o_BxSxD.astype(self.dtype),
+                                  wte_VxD.astype(self.dtype), preferred_element_type=jnp.float32)
+        out = BackpackOutput(
+            logits=logits_BxSxV,
+            contextualization=alpha_BxKxSxT if return_contextualization else None,
+            senses=jnp.swapaxes(senses_BxSxKxD, 1, 2) if return_senses else None)
+        return out, new_cache
+
+
+class BackpackLM(nn.Module):
+    """Top-level module; its only child is named `backpack` like the HF model's."""
+
+    config: BackpackConfig
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        self.backpack = Backpack(self.config, self.dtype)
+
+    def __call__(self, *args, **kwargs):
+        return self.backpack(*args, **kwargs)
+
+    def senses(self, input_ids_BxS, train=False):
+        return self.backpack.senses(input_ids_BxS, train)
+
+
+def causal_mask(seq_len: int) -> jax.Array:
+    """attend[i, j] = j <= i, shaped [1, S, S] to broadcast over the batch."""
+    return jnp.tril(jnp.ones((seq_len, seq_len), dtype=bool))[None]
+
+
+def init(config: BackpackConfig, rng: jax.Array) -> Params:
+    """Fresh parameters with the paper's initialisation (float32)."""
+    ids = jnp.zeros((1, 2), jnp.int32)
+    variables = BackpackLM(config).init(rng, ids, jnp.arange(2)[None], causal_mask(2))
+    return variables["params"]
+
+
+def _is_concrete(x: Any) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def validate_token_ids(input_ids: Any, config: BackpackConfig, what: str = "input_ids",
+                       limit: int | None = None) -> None:
+    """Checks rank, dtype, length and (when concrete) the value range of a [B, S] id array.
+
+    JAX clamps out-of-range gathers silently, so this is the only place such ids are caught.
+    """
+    limit = config.vocab_size if limit is None else limit
+    shape = getattr(input_ids, "shape", None)
+    if shape is None or len(shape) != 2:
+        raise ValueError(f"{what} must be a 2-D [batch, seq] array, got shape {shape}")
+    if shape[1] == 0 or shape[0] == 0:
+        raise ValueError(f"{what} is empty: shape {tuple(shape)}")
+    if shape[1] > config.n_positions:
+        raise ValueError(f"{what} has {shape[1]} positions but the model was built for at most "
+                         f"n_positions={config.n_positions}")
+    if not jnp.issubdtype(input_ids.dtype, jnp.integer):
+        raise ValueError(f"{what} must hold integers, got dtype {input_ids.dtype}")
+    if _is_concrete(input_ids):
+        ids = np.asarray(input_ids)
+        bad = (ids < 0) | (ids >= limit)
+        if bad.any():
+            b, s = np.argwhere(bad)[0]
+            raise ValueError(f"{what}[{b}, {s}] = {ids[b, s]} is outside [0, {limit}); "
+                             f"{int(bad.sum())} id(s) out of range in total")
+
+
+@functools.partial(jax.jit, static_argnames=("config", "train", "return_contextualization",
+                                             "return_senses", "dtype"))
+def _apply(params, input_ids, position_ids, rng, sense_edit, contextualization, *, config,
+           train, return_contextualization, return_senses, dtype):
+    rngs = {"dropout": rng} if train else {}
+    out, _ = BackpackLM(config, dtype).apply(
+        {"params": params}, input_ids, position_ids, causal_mask(input_ids.shape[1]),
+        train=train, sense_edit=sense_edit, contextualization_BxKxSxT=contextualization,
+        return_contextualization=return_contextualization, return_senses=return_senses,
+        rngs=rngs)
+    return out
+
+
+def apply(params: Params, input_ids: jax.Array, config: BackpackConfig, *,
+          position_ids: jax.Array | None = None, train: bool = False,
+          rng: jax.Array | None = None, return_contextualization: bool = False,
+          return_senses: bool = False, dtype: Any = jnp.float32,
+          sense_edit: SenseEdit | None = None,
+          contextualization: jax.Array | None = None) -> BackpackOutput:
+    """Runs the Backpack LM on `input_ids` [B, S].
+
+    Args:
+      params: from `init` or `convert.load_hf`.
+      config: the model's config (static under jit).
+      position_ids: [B, S] or [S]; defaults to 0..S-1.
+      train: enables dropout where the HF model has it; needs `rng`.
+      return_contextualization / return_senses: also return alpha [B, K, S, S] / senses
+        [B, K, S, D].
+      dtype: compute dtype (e.g. jnp.bfloat16); LayerNorm, softmax and logits stay float32.
+      sense_edit: an intervention on sense vectors (see `backpack_jax.senses`).
+      contextualization: use this alpha [B, K, S, S] instead of the model's (HF's
+        `run_with_custom_contextualization`).
+    """
+    validate_token_ids(input_ids, config)
+    B, S = input_ids.shape
+    if position_ids is None:
+        position_ids = jnp.arange(S, dtype=jnp.int32)
+    if getattr(position_ids, "ndim", None) == 1:
+        position_ids = jnp.broadcast_to(position_ids, (B, S))
+    if getattr(position_ids, "shape", None) != (B, S):
+        raise ValueError(f"position_ids must have shape [{B}, {S}] (or [{S}]), "
+                         f"got {getattr(position_ids, 'shape', None)}")
+    validate_token_ids(position_ids, config, "position_ids", limit=config.n_positions)
+    if train and rng is None:
+        raise ValueError("apply(train=True) needs an `rng` for dropout")
+    if contextualization is not None and contextualization.shape != (
+            B, config.num_senses, S, S):
+        raise ValueError(f"contextualization must have shape {(B, config.num_senses, S, S)}, "
+                         f"got {contextualization.shape}")
+    return _apply(params, input_ids, position_ids, rng, sense_edit, contextualization,
+                  config=config, train=train, return_contextualization=return_contextualization,
+                  return_senses=return_senses, dtype=dtype)

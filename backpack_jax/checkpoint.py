@@ -72,11 +72,6 @@ def latest_step_dir(directory: str | os.PathLike) -> pathlib.Path | None:
     return max(finished, key=lambda p: int(p.name), default=None)
 
 
-def _is_hf_dir(path: pathlib.Path) -> bool:
-    return any(path.glob("*.safetensors")) or (path / "pytorch_model.bin").is_file() or any(
-        path.glob("*.safetensors.index.json"))
-
-
 def load(path: str | os.PathLike) -> tuple[model.Params, BackpackConfig]:
     """Loads (params, config) from a converted model, a training workdir or step, or an HF dir."""
     path = pathlib.Path(path).expanduser().absolute()
@@ -90,8 +85,8 @@ def load(path: str | os.PathLike) -> tuple[model.Params, BackpackConfig]:
     if step is not None:
         config = read_config(path)
         return restore_params(step / PARAMS_DIR, config), config
-    if (path / CONFIG_FILE).is_file() and _is_hf_dir(path):
-        from convert import load_hf  # Local import: convert depends on this module.
+    from convert import hf_io, load_hf  # Local import: convert depends on this module.
+    if (path / CONFIG_FILE).is_file() and any((path / f).is_file() for f in hf_io.WEIGHT_FILES):
         return load_hf(path)
     raise FileNotFoundError(
         f"{path} is not a checkpoint: expected {CONFIG_FILE} with {PARAMS_DIR}/ (converted model), "

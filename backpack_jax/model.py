@@ -74,9 +74,9 @@ def _dense(features: int, std: float, dtype: Any, name: str | None = None) -> nn
 
 
 def _layer_norm(config: BackpackConfig, name: str) -> nn.LayerNorm:
-    """LayerNorm computed in float32 whatever the compute dtype."""
+    """LayerNorm in float32 whatever the compute dtype, with torch's two-pass variance."""
     return nn.LayerNorm(epsilon=config.layer_norm_epsilon, dtype=jnp.float32,
-                        param_dtype=jnp.float32, name=name)
+                        param_dtype=jnp.float32, use_fast_variance=False, name=name)
 
 
 class MLP(nn.Module):
@@ -158,16 +158,19 @@ class GPT2Model(nn.Module):
 
     config: BackpackConfig
     dtype: Any
+    remat_policy: Any = None  # A jax.checkpoint policy: recompute each block in the backward.
 
     def setup(self):
         cfg = self.config
+        block = Block if self.remat_policy is None else nn.remat(
+            Block, policy=self.remat_policy, static_argnums=(3,))  # 3: `train` (0 is self).
         embed_init = nn.initializers.normal(cfg.initializer_range)
         self.wte = nn.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=embed_init,
                             param_dtype=jnp.float32)
         self.wpe = nn.Embed(cfg.n_positions, cfg.n_embd, embedding_init=embed_init,
                             param_dtype=jnp.float32)
         self.drop = nn.Dropout(cfg.embd_pdrop)
-        self.h = [Block(cfg, i, self.dtype) for i in range(cfg.n_layer)]
+        self.h = [block(cfg, i, self.dtype) for i in range(cfg.n_layer)]
         self.ln_f = _layer_norm(cfg, "ln_f")
 
     def __call__(self, input_ids_BxS, position_ids_BxS, attend_BxSxT, train, cache, cache_index):
@@ -248,9 +251,10 @@ class Backpack(nn.Module):
 
     config: BackpackConfig
     dtype: Any = jnp.float32
+    remat_policy: Any = None
 
     def setup(self):
-        self.gpt2_model = GPT2Model(self.config, self.dtype)
+        self.gpt2_model = GPT2Model(self.config, self.dtype, self.remat_policy)
         self.sense_network = SenseNetwork(self.config, self.dtype)
         self.sense_weight_net = WeightNetwork(self.config, self.dtype)
 
@@ -297,9 +301,10 @@ class BackpackLM(nn.Module):
 
     config: BackpackConfig
     dtype: Any = jnp.float32
+    remat_policy: Any = None  # Training only: see GPT2Model.remat_policy.
 
     def setup(self):
-        self.backpack = Backpack(self.config, self.dtype)
+        self.backpack = Backpack(self.config, self.dtype, self.remat_policy)
 
     def __call__(self, *args, **kwargs):
         return self.backpack(*args, **kwargs)
@@ -313,8 +318,9 @@ def causal_mask(seq_len: int) -> jax.Array:
     return jnp.tril(jnp.ones((seq_len, seq_len), dtype=bool))[None]
 
 
+@functools.partial(jax.jit, static_argnames="config")
 def init(config: BackpackConfig, rng: jax.Array) -> Params:
-    """Fresh parameters with the paper's initialisation (float32)."""
+    """Fresh parameters with the paper's initialisation (float32); jitted, as eager init is slow."""
     ids = jnp.zeros((1, 2), jnp.int32)
     variables = BackpackLM(config).init(rng, ids, jnp.arange(2)[None], causal_mask(2))
     return variables["params"]

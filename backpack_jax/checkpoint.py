@@ -58,9 +58,14 @@ def abstract_params(config: BackpackConfig) -> model.Params:
 
 
 def restore_params(params_dir: str | os.PathLike, config: BackpackConfig) -> model.Params:
-    """Restores an Orbax parameter tree, checking it against the config's shapes."""
-    return ocp.StandardCheckpointer().restore(pathlib.Path(params_dir).absolute(),
-                                              abstract_params(config))
+    """Restores an Orbax parameter tree onto one device, checking it against the config's shapes.
+
+    The explicit sharding lets a checkpoint written by a multi-device run load anywhere.
+    """
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          abstract_params(config))
+    return ocp.StandardCheckpointer().restore(pathlib.Path(params_dir).absolute(), target)
 
 
 def latest_step_dir(directory: str | os.PathLike) -> pathlib.Path | None:

@@ -1,0 +1,345 @@
+"""Cached autoregressive decoding for Backpack LMs, and a streaming command-line sampler.
+
+Each new token costs one token's work: the prompt is run once (prefill) into a `DecodeCache`
+holding every GPT-2 layer's keys and values, the weight network's keys and the sense vectors of
+the tokens seen so far; each decode step then runs the model on the one new token against that
+cache. Both functions are jit-compiled once per (batch size, prompt length, length budget).
+
+Prompts of different lengths are left-padded to a common length; each row's position ids count
+from its first real token and `attend_BxSxT` hides the padding slots, so a padded row yields the
+same tokens as that prompt run alone.
+
+    python -m backpack_jax.generate --checkpoint PATH --prompt "The meaning of life is"
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from backpack_jax import model
+from backpack_jax.config import BackpackConfig
+from backpack_jax.model import BackpackLM, DecodeCache, Params, SenseEdit
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOutput:
+    """One decode step: the token chosen for every row and the logits it was drawn from."""
+
+    tokens: np.ndarray  # [B] int32
+    logits: np.ndarray | None  # [B, V] float32 (the model's, before temperature/filtering)
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """The result of `generate`.
+
+    `tokens` holds each prompt, left-padded to the longest with `pad_id`, followed by the new
+    tokens. Fewer than `max_new_tokens` columns follow when every row emitted `eos_id` early.
+    """
+
+    tokens: np.ndarray  # [B, P + new] int32
+    prompt_lengths: np.ndarray  # [B] real (unpadded) prompt lengths
+    logits: np.ndarray | None = None  # [B, new, V] float32, when asked
+    pad_id: int = 0
+
+    @property
+    def new_tokens(self) -> np.ndarray:
+        """[B, new]: just the generated part."""
+        return self.tokens[:, self.tokens.shape[1] - self.num_new:]
+
+    @property
+    def num_new(self) -> int:
+        return self.tokens.shape[1] - self.prompt_width
+
+    @property
+    def prompt_width(self) -> int:
+        return int(self.prompt_lengths.max())
+
+    def sequences(self) -> list[list[int]]:
+        """Each row's prompt and new tokens, without the left padding."""
+        width = self.prompt_width
+        return [row[width - n:].tolist() for row, n in zip(self.tokens, self.prompt_lengths)]
+
+
+@flax.struct.dataclass
+class _Sampling:
+    """The sampling rule as data, so that changing its numbers does not recompile."""
+
+    temperature: jax.Array  # float32 (unused when greedy)
+    top_k: jax.Array  # int32; vocab_size = off
+    top_p: jax.Array  # float32; 1 = off
+    eos_id: jax.Array  # int32; -1 = none
+    rng: jax.Array | None
+    greedy: bool = flax.struct.field(pytree_node=False)
+
+
+def _left_pad(prompt_ids: Any, config: BackpackConfig, max_new_tokens: int, pad_id: int
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Validates prompts and left-pads them: returns ids [B, P] and real lengths [B]."""
+    if hasattr(prompt_ids, "ndim"):
+        if prompt_ids.ndim != 2:
+            raise ValueError(f"prompt_ids must be a [batch, seq] array or a list of token-id "
+                             f"lists, got an array of shape {tuple(prompt_ids.shape)}")
+        rows = list(np.asarray(prompt_ids))
+    elif isinstance(prompt_ids, Sequence) and prompt_ids and all(
+            isinstance(r, (Sequence, np.ndarray)) and not isinstance(r, str) for r in prompt_ids):
+        rows = [np.asarray(r) for r in prompt_ids]
+    else:
+        raise ValueError("prompt_ids must be a [batch, seq] array or a non-empty list of token-id "
+                         "lists (wrap a single prompt as [ids])")
+    lengths = np.array([len(r) for r in rows], dtype=np.int32)
+    for b, row in enumerate(rows):
+        if len(row) >= config.n_positions:
+            raise ValueError(f"prompt {b} has {len(row)} tokens, leaving no room for new tokens: "
+                             f"the model has n_positions={config.n_positions}")
+        if len(row) + max_new_tokens > config.n_positions:
+            raise ValueError(
+                f"prompt {b} has {len(row)} tokens; with max_new_tokens={max_new_tokens} that "
+                f"exceeds n_positions={config.n_positions} (at most "
+                f"{config.n_positions - len(row)} new tokens fit)")
+        model.validate_token_ids(row.reshape(1, -1), config, what=f"prompt {b}")
+    width = int(lengths.max())
+    ids_BxP = np.full((len(rows), width), pad_id, dtype=np.int32)
+    for b, row in enumerate(rows):
+        ids_BxP[b, width - len(row):] = row
+    return ids_BxP, lengths
+
+
+def _check_sampling(config: BackpackConfig, max_new_tokens: int, temperature: float,
+                    top_k: int | None, top_p: float | None, rng: jax.Array | None,
+                    eos_id: int | None) -> _Sampling:
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= config.vocab_size):
+        raise ValueError(f"top_k must be an integer in [1, vocab_size={config.vocab_size}], "
+                         f"got {top_k!r}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    greedy = temperature == 0
+    if not greedy and rng is None:
+        raise ValueError(f"sampling (temperature={temperature} > 0) needs an `rng` key")
+    if eos_id is not None and not 0 <= eos_id < config.vocab_size:
+        raise ValueError(f"eos_id={eos_id} is outside [0, vocab_size={config.vocab_size})")
+    return _Sampling(temperature=jnp.float32(temperature if not greedy else 1.0),
+                     top_k=jnp.int32(config.vocab_size if top_k is None else top_k),
+                     top_p=jnp.float32(1.0 if top_p is None else top_p),
+                     eos_id=jnp.int32(-1 if eos_id is None else eos_id),
+                     rng=None if greedy else rng, greedy=greedy)
+
+
+def _choose(logits_BxV: jax.Array, done_B: jax.Array, step: jax.Array | int,
+            sampling: _Sampling) -> tuple[jax.Array, jax.Array]:
+    """Picks the next token of every row (temperature, then top-k, then top-p) and updates done."""
+    if sampling.greedy:
+        next_B = jnp.argmax(logits_BxV, axis=-1)
+    else:
+        logits = logits_BxV / sampling.temperature
+        sorted_BxV = -jnp.sort(-logits, axis=-1)  # descending
+        kth_Bx1 = jax.lax.dynamic_slice_in_dim(sorted_BxV, sampling.top_k - 1, 1, axis=-1)
+        sorted_BxV = jnp.where(sorted_BxV >= kth_Bx1, sorted_BxV, -jnp.inf)
+        # Keep the most likely tokens until their mass reaches top_p (always at least one).
+        probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+        keep_BxV = (jnp.cumsum(probs_BxV, axis=-1) - probs_BxV < sampling.top_p) | (
+            sampling.top_p >= 1.0)
+        cutoff_Bx1 = jnp.maximum(kth_Bx1, jnp.min(jnp.where(keep_BxV, sorted_BxV, jnp.inf),
+                                                  axis=-1, keepdims=True))
+        logits = jnp.where(logits >= cutoff_Bx1, logits, -jnp.inf)
+        next_B = jax.random.categorical(jax.random.fold_in(sampling.rng, step), logits, axis=-1)
+    next_B = jnp.where(done_B, sampling.eos_id, next_B.astype(jnp.int32))
+    return next_B, done_B | (next_B == sampling.eos_id)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "length"))
+def _prefill(params, ids_BxP, start_B, sense_edit, sampling, *, config, dtype, length):
+    """Runs the prompts into a fresh cache of `length` slots and picks the first new token."""
+    B, P = ids_BxP.shape
+    s_P, t_T = jnp.arange(P), jnp.arange(length)
+    attend_BxPxT = (t_T[None, None] <= s_P[None, :, None]) & (
+        t_T[None, None] >= start_B[:, None, None])
+    pos_BxP = jnp.maximum(s_P[None] - start_B[:, None], 0)
+    out, cache = BackpackLM(config, dtype).apply(
+        {"params": params}, ids_BxP, pos_BxP, attend_BxPxT,
+        cache=DecodeCache.zeros(config, B, length, dtype), cache_index=0, sense_edit=sense_edit)
+    logits_BxV = out.logits[:, -1]
+    next_B, done_B = _choose(logits_BxV, jnp.zeros(B, bool), 0, sampling)
+    return cache, next_B, done_B, logits_BxV
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype"), donate_argnames=("cache",))
+def _decode_step(params, cache, token_B, index, start_B, done_B, step, sense_edit, sampling, *,
+                 config, dtype):
+    """Feeds one token per row at cache slot `index` and picks the next one."""
+    t_T = jnp.arange(cache.senses_BxTxKxD.shape[1])
+    attend_Bx1xT = ((t_T[None] <= index) & (t_T[None] >= start_B[:, None]))[:, None]
+    pos_Bx1 = (index - start_B)[:, None]
+    out, cache = BackpackLM(config, dtype).apply(
+        {"params": params}, token_B[:, None], pos_Bx1, attend_Bx1xT, cache=cache,
+        cache_index=index, sense_edit=sense_edit)
+    logits_BxV = out.logits[:, 0]
+    next_B, done_B = _choose(logits_BxV, done_B, step, sampling)
+    return cache, next_B, done_B, logits_BxV
+
+
+def _prepare(config, prompt_ids, max_new_tokens, temperature, top_k, top_p, rng, eos_id):
+    sampling = _check_sampling(config, max_new_tokens, temperature, top_k, top_p, rng, eos_id)
+    pad_id = config.eos_token_id if eos_id is None else eos_id
+    ids_BxP, lengths_B = _left_pad(prompt_ids, config, max_new_tokens, pad_id)
+    return sampling, pad_id, ids_BxP, lengths_B
+
+
+def _steps(params, config, ids_BxP, lengths_B, max_new_tokens, sampling, return_logits,
+           sense_edit, dtype) -> Iterator[StepOutput]:
+    B, P = ids_BxP.shape
+    start_B = jnp.asarray(P - lengths_B, jnp.int32)
+    # The last new token is never fed back, so it needs no cache slot.
+    cache, next_B, done_B, logits_BxV = _prefill(
+        params, jnp.asarray(ids_BxP), start_B, sense_edit, sampling, config=config, dtype=dtype,
+        length=P + max_new_tokens - 1)
+    stops = int(sampling.eos_id) >= 0
+    for step in range(1, max_new_tokens + 1):
+        yield StepOutput(np.asarray(next_B),
+                         np.asarray(logits_BxV, np.float32) if return_logits else None)
+        if step == max_new_tokens or (stops and bool(done_B.all())):
+            return
+        cache, next_B, done_B, logits_BxV = _decode_step(
+            params, cache, next_B, jnp.int32(P + step - 1), start_B, done_B, jnp.int32(step),
+            sense_edit, sampling, config=config, dtype=dtype)
+
+
+def stream(params: Params, config: BackpackConfig, prompt_ids: Any, max_new_tokens: int, *,
+           temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+           rng: jax.Array | None = None, eos_id: int | None = None, return_logits: bool = False,
+           sense_edit: SenseEdit | None = None, dtype: Any = jnp.float32
+           ) -> Iterator[StepOutput]:
+    """Yields one `StepOutput` per new token as soon as it is chosen (see `generate`).
+
+    Arguments are validated when this is called, not when iteration starts.
+    """
+    sampling, _, ids_BxP, lengths_B = _prepare(config, prompt_ids, max_new_tokens, temperature,
+                                               top_k, top_p, rng, eos_id)
+    return _steps(params, config, ids_BxP, lengths_B, max_new_tokens, sampling, return_logits,
+                  sense_edit, dtype)
+
+
+def generate(params: Params, config: BackpackConfig, prompt_ids: Any, max_new_tokens: int, *,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             rng: jax.Array | None = None, eos_id: int | None = None,
+             return_logits: bool = False, sense_edit: SenseEdit | None = None,
+             dtype: Any = jnp.float32) -> Generation:
+    """Continues each prompt by up to `max_new_tokens` tokens with a KV/sense cache.
+
+    Args:
+      prompt_ids: a [B, S] int array, or a list of B token-id lists of any lengths.
+      temperature: 0 picks the most likely token (greedy); > 0 samples from softmax(logits / T).
+      top_k / top_p: when sampling, keep only the k most likely tokens / the smallest most-likely
+        set whose probability reaches top_p (applied after temperature, top-k first).
+      rng: a `jax.random` key; required when sampling. The same key gives the same samples.
+      eos_id: a row that emits it keeps emitting it; decoding stops once every row has.
+      return_logits: also return the model's logits [B, new, V] each new token was drawn from.
+      sense_edit: an intervention on sense vectors (see `backpack_jax.senses`); the edited
+        senses are also the ones cached for the prefix.
+      dtype: compute dtype (LayerNorm, softmax and logits stay float32).
+    """
+    sampling, pad_id, ids_BxP, lengths_B = _prepare(config, prompt_ids, max_new_tokens,
+                                                    temperature, top_k, top_p, rng, eos_id)
+    steps = list(_steps(params, config, ids_BxP, lengths_B, max_new_tokens, sampling,
+                        return_logits, sense_edit, dtype))
+    new_BxN = np.stack([s.tokens for s in steps], axis=1)
+    logits = np.stack([s.logits for s in steps], axis=1) if return_logits else None
+    return Generation(tokens=np.concatenate([ids_BxP, new_BxN], axis=1),
+                      prompt_lengths=lengths_B, logits=logits, pad_id=pad_id)
+
+
+class _TextStream:
+    """Turns token ids into text as they arrive, holding back incomplete UTF-8 sequences.
+
+    A token can end inside a multi-byte character, which decodes to trailing U+FFFD until the
+    rest arrives; everything before such a tail is final, so only the tail is held back.
+    """
+
+    def __init__(self, tokenizer: Any):
+        self._tokenizer = tokenizer
+        self._ids: list[int] = []
+        self._emitted = 0
+
+    def push(self, token: int) -> str:
+        if token >= self._tokenizer.n_vocab:  # The model's padded vocabulary rows.
+            return self.flush() + f"<|{token}|>"
+        self._ids.append(token)
+        text = self._tokenizer.decode(self._ids)
+        stable = max(len(text.rstrip("\ufffd")), self._emitted)
+        out, self._emitted = text[self._emitted:stable], stable
+        return out
+
+    def flush(self) -> str:
+        out = self._tokenizer.decode(self._ids)[self._emitted:]
+        self._ids, self._emitted = [], 0
+        return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m backpack_jax.generate",
+        description="Sample from a Backpack LM checkpoint, streaming tokens to stdout.")
+    parser.add_argument("--checkpoint", required=True,
+                        help="converted model dir, training workdir or step, or HF dir")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--max_new_tokens", type=int, default=50)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument("--top_k", type=int, default=50, help="0 = off")
+    parser.add_argument("--top_p", type=float, default=0.95, help="1 = off")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num_samples", type=int, default=1)
+    parser.add_argument("--ignore_eos", action="store_true",
+                        help="keep going after <|endoftext|>")
+    args = parser.parse_args(argv)
+    if args.num_samples < 1:
+        parser.error(f"--num_samples must be >= 1, got {args.num_samples}")
+
+    from backpack_jax import checkpoint
+    from backpack_jax.tokenizer import get_tokenizer
+
+    try:
+        params, config = checkpoint.load(args.checkpoint)
+    except FileNotFoundError as e:
+        parser.error(str(e))
+    tokenizer = get_tokenizer()
+    prompt = tokenizer.encode(args.prompt)
+    if not prompt:
+        parser.error("--prompt is empty after tokenization")
+    options = dict(temperature=args.temperature, top_k=args.top_k or None,
+                   top_p=None if args.top_p >= 1 else args.top_p,
+                   eos_id=None if args.ignore_eos else tokenizer.eot_id)
+    for i in range(args.num_samples):
+        if args.num_samples > 1:
+            print(f"\n===== sample {i} =====", flush=True)
+        text = _TextStream(tokenizer)
+        sys.stdout.write(args.prompt)
+        try:
+            steps = stream(params, config, [prompt], args.max_new_tokens,
+                           rng=jax.random.fold_in(jax.random.PRNGKey(args.seed), i), **options)
+        except ValueError as e:
+            parser.error(str(e))
+        for step in steps:
+            token = int(step.tokens[0])
+            if token == options["eos_id"]:
+                break
+            sys.stdout.write(text.push(token))
+            sys.stdout.flush()
+        sys.stdout.write(text.flush() + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""Cached generation against the full forward pass, the PyTorch reference and itself (padding,
+seeds, filters, eos), plus its errors and the streaming CLI."""
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from backpack_jax import checkpoint, generate, model, senses
+from backpack_jax.config import get_config
+from backpack_jax.tokenizer import get_tokenizer
+from convert import from_state_dict
+from tests.torch_reference import random_reference
+
+CONFIG = get_config("tiny").replace(vocab_size=512, bos_token_id=0, eos_token_id=0)
+PROMPTS = [[5, 17, 300, 42, 9, 101, 7], [250, 3], [77, 410, 12, 64]]
+N_NEW = 10  # one length budget for every batch of PROMPTS: compiled once
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return random_reference(CONFIG, seed=0)
+
+
+@pytest.fixture(scope="module")
+def params(reference):
+    return from_state_dict({k: v.detach().numpy() for k, v in reference.state_dict().items()},
+                           CONFIG)
+
+
+def relative_error(a, b):
+    return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b))))
+
+
+def assert_logits_match_full_forward(params, out, sense_edit=None):
+    """Step j's logits must be the full forward pass's last logits on prompt + j new tokens."""
+    assert out.logits.shape == (len(PROMPTS), out.num_new, CONFIG.vocab_size)
+    # The model is causal, so position n+j-1 of one pass over a whole row (right-padded to a
+    # common length) sees exactly the prefix of length n+j.
+    rows = [seq[:-1] for seq in out.sequences()]
+    width = max(map(len, rows))
+    full = model.apply(params, np.array([r + [0] * (width - len(r)) for r in rows]), CONFIG,
+                       sense_edit=sense_edit).logits
+    for b, n in enumerate(out.prompt_lengths):
+        assert relative_error(out.logits[b], full[b, n - 1:n - 1 + out.num_new]) < 1e-4
+    prefix = model.apply(params, np.array([out.sequences()[1][:4]]), CONFIG,
+                         sense_edit=sense_edit).logits[0, -1]
+    assert relative_error(out.logits[1, 4 - out.prompt_lengths[1]], prefix) < 1e-4
+
+
+def test_cached_logits_equal_full_forward_on_ragged_batch(params):
+    out = generate.generate(params, CONFIG, PROMPTS, N_NEW, return_logits=True)
+    assert out.tokens.shape == (3, 7 + N_NEW)
+    assert out.tokens[1, :5].tolist() == [CONFIG.eos_token_id] * 5  # left padding
+    np.testing.assert_array_equal(out.new_tokens, out.logits.argmax(-1))
+    assert_logits_match_full_forward(params, out)
+
+
+def test_generation_honours_sense_edit(params):
+    edit = senses.compose(
+        senses.scale_senses(CONFIG, {17: {0: 4.0, 3: -1.0}, 250: {1: 0.0}}),
+        senses.replace_senses(CONFIG, {42: {2: np.linspace(-3, 3, CONFIG.n_embd)}}))
+    out = generate.generate(params, CONFIG, PROMPTS, N_NEW, return_logits=True, sense_edit=edit)
+    plain = generate.generate(params, CONFIG, PROMPTS, N_NEW, return_logits=True)
+    assert relative_error(out.logits[:, 0], plain.logits[:, 0]) > 1e-2  # the edit matters
+    assert_logits_match_full_forward(params, out, sense_edit=edit)
+
+
+def test_padded_rows_give_the_same_tokens_as_each_prompt_alone(params):
+    batch = generate.generate(params, CONFIG, PROMPTS, N_NEW, return_logits=True)
+    for b, prompt in enumerate(PROMPTS):
+        alone = generate.generate(params, CONFIG, [prompt], N_NEW, return_logits=True)
+        np.testing.assert_array_equal(alone.new_tokens[0], batch.new_tokens[b])
+        np.testing.assert_allclose(alone.logits[0], batch.logits[b], rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_tokens_equal_pytorch_reference_greedy_loop(params, reference):
+    out = generate.generate(params, CONFIG, PROMPTS, N_NEW)
+    for b, prompt in enumerate(PROMPTS):
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            for _ in range(N_NEW):
+                logits, _ = reference(ids)
+                ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        assert out.sequences()[b] == ids[0].tolist()
+
+
+def test_sampling_is_reproducible_and_filters_as_asked(params):
+    def sample(seed, **kw):
+        return generate.generate(params, CONFIG, PROMPTS, N_NEW, temperature=1.0,
+                                 return_logits=True, rng=jax.random.PRNGKey(seed), **kw)
+
+    first, again, other = sample(0), sample(0), sample(1)
+    np.testing.assert_array_equal(first.tokens, again.tokens)
+    assert (first.tokens != other.tokens).any()
+    greedy = generate.generate(params, CONFIG, PROMPTS, N_NEW).tokens
+    np.testing.assert_array_equal(sample(5, top_k=1).tokens, greedy)
+    np.testing.assert_array_equal(sample(5, top_p=1e-6).tokens, greedy)
+    assert (first.tokens != greedy).any()
+
+    top_k = sample(2, top_k=5)
+    rank = (top_k.logits > np.take_along_axis(top_k.logits, top_k.new_tokens[..., None], -1)
+            ).sum(-1)
+    assert rank.max() < 5 and rank.max() > 0
+    top_p = sample(2, top_p=0.5)
+    probs = jax.nn.softmax(top_p.logits, -1)
+    chosen = np.take_along_axis(np.asarray(probs), top_p.new_tokens[..., None], -1)[..., 0]
+    mass_above = np.where(probs > chosen[..., None], probs, 0).sum(-1)
+    assert mass_above.max() < 0.5 and mass_above.max() > 0
+
+
+def test_rows_that_emit_eos_keep_emitting_it_and_decoding_stops_when_all_are_done(params):
+    greedy = generate.generate(params, CONFIG, PROMPTS, N_NEW).new_tokens
+    eos = int(greedy[0, 3])
+    out = generate.generate(params, CONFIG, PROMPTS, N_NEW, eos_id=eos)
+    for row, free in zip(out.new_tokens, greedy):
+        hits = np.flatnonzero(free == eos)
+        stop = hits[0] if hits.size else len(free)
+        np.testing.assert_array_equal(row[:stop + 1], free[:stop + 1])
+        assert (row[stop:] == eos).all()
+    single = generate.generate(params, CONFIG, PROMPTS[:1], N_NEW, eos_id=eos)
+    first = np.flatnonzero(greedy[0] == eos)[0]
+    assert single.num_new == first + 1 and single.new_tokens[0, -1] == eos
+
+
+def test_streaming_yields_the_same_tokens_as_generate(params):
+    steps = list(generate.stream(params, CONFIG, PROMPTS, N_NEW))
+    np.testing.assert_array_equal(np.stack([s.tokens for s in steps], 1),
+                                  generate.generate(params, CONFIG, PROMPTS, N_NEW).new_tokens)
+
+
+@pytest.mark.parametrize("prompts, kwargs, message", [
+    ([list(range(128))], {}, "no room for new tokens"),
+    ([list(range(100))], {"max_new_tokens": 29}, "at most 28 new tokens fit"),
+    ([[1, 2, 512]], {}, "outside [0, 512)"),
+    ([[1, 2], []], {}, "prompt 1 is empty"),
+    ([1, 2, 3], {}, "list of token-id lists"),
+    (PROMPTS, {"temperature": -1.0}, "temperature must be >= 0"),
+    (PROMPTS, {"temperature": 1.0}, "needs an `rng`"),
+    (PROMPTS, {"top_k": 0, "temperature": 1.0, "rng": jax.random.PRNGKey(0)}, "top_k must be"),
+    (PROMPTS, {"top_p": 0.0, "temperature": 1.0, "rng": jax.random.PRNGKey(0)}, "top_p must be"),
+    (PROMPTS, {"top_p": 1.5}, "top_p must be"),
+    (PROMPTS, {"max_new_tokens": 0}, "max_new_tokens must be a positive"),
+    (PROMPTS, {"eos_id": 999}, "eos_id=999"),
+])
+def test_bad_input_is_a_clear_error(params, prompts, kwargs, message):
+    kwargs = {"max_new_tokens": 4, **kwargs}
+    with pytest.raises(ValueError) as error:
+        generate.generate(params, CONFIG, prompts, **kwargs)
+    assert message in str(error.value)
+
+
+def test_text_stream_holds_back_partial_utf8():
+    tokenizer = get_tokenizer()
+    text = "naïve 😀 ok"
+    ids = tokenizer.encode(text)
+    stream = generate._TextStream(tokenizer)
+    pieces = [stream.push(i) for i in ids] + [stream.flush()]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+    assert "" in pieces  # the emoji's first byte token produced no text on its own
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    config = get_config("tiny")
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    checkpoint.save(path, jax.jit(model.init, static_argnums=0)(config, jax.random.PRNGKey(0)),
+                    config)
+    return path
+
+
+def test_cli_streams_the_greedy_continuation(tiny_checkpoint, capsys):
+    generate.main(["--checkpoint", str(tiny_checkpoint), "--prompt", "The nurse said",
+                   "--max_new_tokens", "8", "--temperature", "0", "--ignore_eos"])
+    params, config = checkpoint.load(tiny_checkpoint)
+    tokenizer = get_tokenizer()
+    expected = generate.generate(params, config, [tokenizer.encode("The nurse said")], 8)
+    out = capsys.readouterr().out
+    assert out == "The nurse said" + tokenizer.decode(expected.new_tokens[0]) + "\n"
+
+
+def test_cli_errors_name_the_problem(tiny_checkpoint, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        generate.main(["--checkpoint", str(tmp_path / "missing"), "--prompt", "hi"])
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        generate.main(["--checkpoint", str(tiny_checkpoint), "--prompt", "hi " * 200])
+    assert "no room for new tokens" in capsys.readouterr().err

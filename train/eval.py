@@ -1,0 +1,87 @@
+"""Held-out loss and perplexity, during training and for any checkpoint from the command line.
+
+    python -m train.eval --checkpoint PATH [--data NAME] [--batches N]
+
+PATH is anything `backpack_jax.checkpoint.load` accepts: a training workdir or step, a converted
+model, or a Hugging Face directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+from typing import Callable
+
+import jax
+from jax.sharding import Mesh
+from tqdm import tqdm
+
+from backpack_jax import checkpoint, model
+from train import data, sharding
+from train.step import Batch, global_batch, make_eval_step, make_model
+
+
+def heldout_loss(eval_step: Callable[[model.Params, Batch], jax.Array], params: model.Params,
+                 mesh: Mesh, name: str | None, *, seq_len: int, batch_size: int,
+                 max_batches: int | None, data_dir: str | None = None,
+                 progress: bool = False) -> tuple[float, int]:
+    """(mean next-token loss, batches used) over the first `max_batches` held-out batches.
+
+    The batches are the split in order, so every evaluation sees the same tokens.
+    """
+    batches = data.make_eval_batches(name, data.HELDOUT, seq_len=seq_len, batch_size=batch_size,
+                                     data_dir=data_dir, process_index=jax.process_index(),
+                                     process_count=jax.process_count())
+    total = None
+    n = min(batches.num_batches, max_batches or batches.num_batches)
+    for local in tqdm(itertools.islice(batches, n), total=n, desc="held-out", unit="batch",
+                      disable=not progress or jax.process_index() != 0, leave=False):
+        loss = eval_step(params, global_batch(local, mesh, batch_size))
+        total = loss if total is None else total + loss
+    if total is None:
+        raise ValueError(f"the {data.HELDOUT!r} split of {name or data.DEFAULT_NAME!r} has no "
+                         f"whole batch of {batch_size} x {seq_len + 1} tokens")
+    return float(total) / n, n
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m train.eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True,
+                        help="training workdir or step, converted model, or Hugging Face dir")
+    parser.add_argument("--data", default=None,
+                        help="dataset name (default: the embedded Python-docs corpus)")
+    parser.add_argument("--data_dir", default=None, help="TFDS data directory")
+    parser.add_argument("--batches", type=int, default=None,
+                        help="evaluate at most this many batches (default: the whole split)")
+    parser.add_argument("--batch_size", type=int, default=8, help="sequences per batch")
+    parser.add_argument("--seq_len", type=int, default=None,
+                        help="tokens per sequence (default: min(512, n_positions))")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="compute dtype; logits and the loss are float32 either way")
+    args = parser.parse_args(argv)
+    if args.batches is not None and args.batches < 1:
+        parser.error(f"--batches must be positive, got {args.batches}")
+
+    params, model_cfg = checkpoint.load(args.checkpoint)
+    seq_len = args.seq_len or min(512, model_cfg.n_positions)
+    if not 0 < seq_len <= model_cfg.n_positions:
+        parser.error(f"--seq_len={seq_len} must be in [1, n_positions={model_cfg.n_positions}]")
+    mesh = sharding.make_mesh((-1, 1, 1))
+    if args.batch_size % sharding.batch_devices(mesh):
+        parser.error(f"--batch_size={args.batch_size} must be divisible by the "
+                     f"{sharding.batch_devices(mesh)} devices")
+    params_shardings = sharding.tree_shardings(params, mesh)
+    params = jax.device_put(params, params_shardings)
+    eval_step = make_eval_step(make_model(model_cfg, args.dtype), 1, mesh, params_shardings)
+    loss, n = heldout_loss(eval_step, params, mesh, args.data, seq_len=seq_len,
+                           batch_size=args.batch_size, max_batches=args.batches,
+                           data_dir=args.data_dir, progress=True)
+    print(f"{args.checkpoint}: held-out loss {loss:.4f} nats/token, perplexity "
+          f"{math.exp(loss):.3f} ({n} batches of {args.batch_size} x {seq_len} tokens, "
+          f"split {data.HELDOUT!r} of {args.data or data.DEFAULT_NAME!r})")
+
+
+if __name__ == "__main__":
+    main()

@@ -44,8 +44,9 @@ def read_config(directory: str | os.PathLike) -> BackpackConfig:
 def save(directory: str | os.PathLike, params: model.Params, config: BackpackConfig) -> None:
     """Saves params (Orbax, written atomically by Orbax) and config.json into `directory`."""
     directory = pathlib.Path(directory).absolute()
-    if (directory / PARAMS_DIR).exists():
-        raise FileExistsError(f"{directory / PARAMS_DIR} already exists; choose a new directory")
+    for name in (PARAMS_DIR, CONFIG_FILE):
+        if (directory / name).exists():
+            raise FileExistsError(f"{directory / name} already exists; choose a new directory")
     write_config(directory, config)
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(directory / PARAMS_DIR, params)

@@ -46,7 +46,6 @@ def _base(model: ml_collections.ConfigDict, **fields: Any) -> ml_collections.Con
     cfg.seed = 0
     cfg.data = config_dict.placeholder(str)  # None: the embedded default corpus.
     cfg.data_dir = config_dict.placeholder(str)
-    cfg.eval_split = "validation"
     cfg.eval_every = 1000
     cfg.eval_batches = 20  # Held-out batches of `batch_size` sequences per evaluation.
     cfg.log_every = 10

@@ -1,0 +1,84 @@
+"""python -m bench [--quick] [--json PATH] [--only forward|generation|training ...]
+
+Prints a Markdown table (see BENCHMARKS.md) and writes every figure to a JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+PARTS = ("forward", "generation", "training")
+
+
+def cpu_part(name: str, quick: bool) -> dict:
+    """One CPU comparison against the PyTorch reference (same weights, same cores)."""
+    from backpack_jax import sense_table
+    from backpack_jax.config import get_config
+    from bench import forward, generation, reference, timing, training
+
+    if name == "training":
+        return {"config": "gpt2_micro", "preset": "micro",
+                "run": training.run("gpt2_micro", 4, 512, repeats=2 if quick else 4)}
+    config = get_config("backpack_gpt2")
+    ref, params = reference.reference_and_params(config)
+    if name == "forward":
+        return {"config": "backpack_gpt2", "runs": [
+            forward.run(config, ref, params, b, 512, repeats=1 if quick else 4) for b in (1, 8)]}
+    new = 64 if quick else 256
+    runs = {"cached": generation.run(config, ref, params, 32, new)}
+    build_s, table = timing.seconds(lambda: sense_table.build(params, config))
+    with_table = generation.run(config, ref, params, 32, new, with_reference=False,
+                                sense_edit=table)
+    with_table.update(sense_table=True, table_build_s=build_s,
+                      table_gb=sense_table.nbytes(config) / 1e9)
+    ref_rate = runs["cached"].get("reference", {}).get("tokens_per_s")
+    if ref_rate:
+        with_table["speedup"] = with_table["jax"]["tokens_per_s"] / ref_rate
+    runs["cached + sense table"] = with_table
+    return {"config": "backpack_gpt2", "runs": runs}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[2])
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer repeats, 64 instead of 256 new tokens (a smoke run)")
+    parser.add_argument("--json", default="bench_results.json", help="where to write results")
+    parser.add_argument("--only", action="append", choices=PARTS,
+                        help="run only these parts (repeatable); default all")
+    args = parser.parse_args(argv)
+
+    import jax  # after argparse so that --help is instant
+    from tqdm import tqdm
+
+    from bench import machine, reference, report
+
+    cores = reference.pin_torch_threads()
+    on_gpu = jax.devices()[0].platform == "gpu"
+    results: dict = {"quick": args.quick, "argv": sys.argv[1:], "torch_threads": cores,
+                     "xla_flags": os.environ.get("XLA_FLAGS", "")}
+    first = machine.measure(quick=args.quick)
+    # The torch reference is CPU-only: with a GPU the accelerator section replaces the rest.
+    parts = ["gpu"] if on_gpu else [p for p in PARTS if not args.only or p in args.only]
+    for part in tqdm(parts, desc="bench", unit="part", file=sys.stderr):
+        if part == "gpu":
+            from bench import gpu
+            results["gpu"] = gpu.run(args.quick)
+        else:
+            results[part] = cpu_part(part, args.quick)
+    # Measured again at the end; interference only lowers a rate, so the bounds use the best.
+    last = machine.measure(quick=args.quick)
+    results["machine"] = dataclasses.asdict(machine.best_of(first, last))
+    table = report.markdown(results)
+    results["markdown"] = table
+    with open(args.json, "w") as f:
+        json.dump(results, f, indent=1)
+    print(table)
+    print(f"\n(all figures: {args.json})")
+
+
+if __name__ == "__main__":
+    main()

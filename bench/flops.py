@@ -1,0 +1,40 @@
+"""Analytic costs of a Backpack from its config: FLOPs per token and bytes per decode step.
+
+FLOPs reuse the training metrics' count (matrix multiplies, 2 FLOPs per multiply-add, attention
+over the whole S x S square as in the usual MFU convention and in both implementations).
+"""
+
+from __future__ import annotations
+
+from backpack_jax.config import BackpackConfig
+from train.metrics import train_flops_per_token
+
+FLOAT32_BYTES = 4
+
+
+def forward_flops_per_token(config: BackpackConfig, seq_len: int) -> float:
+    """One token of a length-`seq_len` forward pass, logits included (about 0.37 GFLOP for
+    Backpack-Small at 512): the training count is forward + backward = 3 x forward."""
+    return train_flops_per_token(config, seq_len) / 3
+
+
+def param_count(config: BackpackConfig) -> dict[str, int]:
+    """Parameters by part: `sense_network` is what a per-vocabulary sense table replaces."""
+    D, L, V, K = config.n_embd, config.n_layer, config.vocab_size, config.num_senses
+    F, H = config.inner_dim, config.sense_intermediate_scale * D
+    layer = 4 * D + (D * 3 * D + 3 * D) + (D * D + D) + (D * F + F) + (F * D + D)
+    sense = 6 * D + (D * 4 * D + 4 * D) + (4 * D * D + D) + (D * H + H) + (H * K * D + K * D)
+    return {"embeddings": V * D + config.n_positions * D, "transformer": L * layer + 2 * D,
+            "sense_network": sense, "weight_network": D * 2 * D + 2 * D}
+
+
+def decode_bytes_per_token(config: BackpackConfig, cache_len: int, sense_table: bool) -> float:
+    """Bytes one batch-1 cached decode step must read: every weight once, plus the cache.
+
+    With a sense table the sense network's weights are replaced by one K x D row.
+    """
+    D, K, L = config.n_embd, config.num_senses, config.n_layer
+    parts = param_count(config)
+    weights = sum(parts.values()) - (parts["sense_network"] if sense_table else 0)
+    cache = cache_len * (2 * L * D + K * config.sense_head_dim + K * D)
+    return float(FLOAT32_BYTES * (weights + cache + (K * D if sense_table else 0)))

@@ -1,0 +1,47 @@
+"""Forward pass throughput: backpack_jax vs the PyTorch reference on the same weights."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from backpack_jax import model
+from backpack_jax.config import BackpackConfig
+from bench import flops
+from bench.timing import best_seconds, seconds
+
+
+def run(config: BackpackConfig, reference, params, batch: int, seq_len: int, repeats: int,
+        with_reference: bool = True) -> dict:
+    """tokens/s of `model.apply` (fp32 logits) and of the reference's forward, best of `repeats`.
+
+    The two are timed in alternation so that interference from other work hits both alike.
+    """
+    ids = np.random.default_rng(batch).integers(0, config.vocab_size, (batch, seq_len),
+                                                dtype=np.int32)
+    ids_jax, ids_torch = jnp.asarray(ids), torch.from_numpy(ids.astype(np.int64))
+    compile_s, out = seconds(lambda: model.apply(params, ids_jax, config).logits)
+    result = {"batch": batch, "seq_len": seq_len, "compile_s": compile_s}
+    jax_fn = lambda: model.apply(params, ids_jax, config).logits
+    if with_reference:
+        with torch.no_grad():
+            ref_logits = reference(ids_torch)[0].numpy()
+        scale = np.abs(ref_logits).max()
+        result["max_rel_diff"] = float(np.abs(np.asarray(out) - ref_logits).max() / scale)
+        del ref_logits
+    del out
+    best_jax, best_ref = float("inf"), float("inf")
+    for _ in range(repeats):
+        best_jax = min(best_jax, best_seconds(jax_fn, 1))
+        if with_reference:
+            with torch.no_grad():
+                best_ref = min(best_ref, best_seconds(lambda: reference(ids_torch)[0], 1))
+    tokens = batch * seq_len
+    result["jax_tokens_per_s"] = tokens / best_jax
+    result["jax_gflops"] = tokens * flops.forward_flops_per_token(config, seq_len) / best_jax / 1e9
+    if with_reference:
+        result["ref_tokens_per_s"] = tokens / best_ref
+        result["speedup"] = best_ref / best_jax
+    return result

@@ -1,0 +1,86 @@
+"""Batch-1 greedy generation: cached decoding vs the reference's full forward per new token."""
+
+from __future__ import annotations
+
+import time
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from backpack_jax import generate
+from backpack_jax.config import BackpackConfig
+
+
+def _latencies(steps: Iterator) -> list[float]:
+    """Seconds from the start to each new token (each step syncs on its token)."""
+    start, times = time.perf_counter(), []
+    for _ in steps:
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def jax_latencies(params, config: BackpackConfig, prompt: np.ndarray, new_tokens: int,
+                  **options) -> list[float]:
+    """Per-token arrival times of `generate.stream` (compiled beforehand by a first run)."""
+    return _latencies(generate.stream(params, config, prompt, new_tokens, **options))
+
+
+def reference_latencies(reference, prompt: np.ndarray, new_tokens: int) -> list[float]:
+    """The reference has no cache: each new token is a forward pass over the whole prefix."""
+    ids = torch.from_numpy(prompt.astype(np.int64))
+
+    def steps():
+        nonlocal ids
+        with torch.no_grad():
+            for _ in range(new_tokens):
+                next_id = reference(ids)[0][:, -1].argmax(-1, keepdim=True)
+                ids = torch.cat([ids, next_id], dim=1)
+                yield next_id
+
+    return _latencies(steps())
+
+
+def summarize(times: list[float], prompt_len: int, near: tuple[int, ...]) -> dict:
+    """tokens/s over the whole run and the median step latency (ms) around each position.
+
+    Token i (0-based) of the new tokens is produced from a context of prompt_len + i tokens.
+    """
+    steps = np.diff(np.concatenate([[0.0], times]))
+    out = {"tokens_per_s": len(times) / times[-1], "first_token_ms": 1e3 * steps[0]}
+    for position in near:
+        i = min(max(position - prompt_len, 1), len(steps) - 1)  # step 0 includes the prefill
+        window = steps[max(i - 2, 1):i + 3]
+        out[f"latency_ms_at_{position}"] = 1e3 * float(np.median(window))
+    out["decode_step_ms"] = 1e3 * float(np.median(steps[1:]))
+    return out
+
+
+def run(config: BackpackConfig, reference, params, prompt_len: int, new_tokens: int,
+        with_reference: bool = True, repeats: int = 2, **jax_options) -> dict:
+    prompt = np.random.default_rng(0).integers(0, config.vocab_size, (1, prompt_len),
+                                               dtype=np.int32)
+    near = (prompt_len, (prompt_len + new_tokens) // 2, prompt_len + new_tokens)
+    start = time.perf_counter()
+    jax_tokens = generate.generate(params, config, prompt, new_tokens, **jax_options).new_tokens
+    result = {"prompt_len": prompt_len, "new_tokens": new_tokens,
+              "first_run_s": time.perf_counter() - start}  # compiles prefill and decode step
+    runs = [jax_latencies(params, config, prompt, new_tokens, **jax_options)
+            for _ in range(repeats)]
+    result["jax"] = summarize(min(runs, key=lambda t: t[-1]), prompt_len, near)
+    if with_reference:
+        result["reference"] = summarize(reference_latencies(reference, prompt, new_tokens),
+                                        prompt_len, near)
+        result["speedup"] = result["jax"]["tokens_per_s"] / result["reference"]["tokens_per_s"]
+        result["same_first_tokens"] = _agreement(reference, prompt, jax_tokens)
+    return result
+
+
+def _agreement(reference, prompt: np.ndarray, jax_tokens: np.ndarray) -> int:
+    """How many leading greedy tokens the reference reproduces (random weights: near-ties can
+    flip late tokens, so this is a sanity check, not a parity test)."""
+    ids = torch.from_numpy(np.concatenate([prompt, jax_tokens], axis=1).astype(np.int64))
+    with torch.no_grad():
+        ref_next = reference(ids)[0][0, prompt.shape[1] - 1:-1].argmax(-1).numpy()
+    same = ref_next == jax_tokens[0]
+    return int(same.argmin()) if not same.all() else int(same.size)

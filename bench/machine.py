@@ -1,0 +1,78 @@
+"""The machine's physical rates, measured in the same run as the benchmarks they bound."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+
+import jax
+import jax.numpy as jnp
+
+from bench.timing import best_seconds
+
+
+@dataclasses.dataclass(frozen=True)
+class Machine:
+    cpu: str
+    cores: int
+    platform: str  # jax's: "cpu" or "gpu"
+    device: str
+    gemm_gflops: float  # fp32, jnp.dot of two n x n matrices, best of several
+    torch_gemm_gflops: float | None  # the same product through PyTorch (MKL on CPU)
+    read_gbps: float  # fp32 array sum, best of several
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def gemm_gflops(n: int = 2048, repeats: int = 10) -> float:
+    """fp32 rate of XLA's matrix multiply: the bound every forward and training figure meets."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    dot = jax.jit(jnp.dot)
+    dot(a, b).block_until_ready()
+    return 2 * n ** 3 / best_seconds(lambda: dot(a, b), repeats) / 1e9
+
+
+def torch_gemm_gflops(n: int = 2048, repeats: int = 10) -> float:
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    return 2 * n ** 3 / best_seconds(lambda: a @ b, repeats) / 1e9
+
+
+def read_gbps(megabytes: int = 512, repeats: int = 10) -> float:
+    """Memory read bandwidth: summing an array far larger than the caches."""
+    x = jnp.ones((megabytes * 2 ** 20 // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    total(x).block_until_ready()
+    return x.nbytes / best_seconds(lambda: total(x), repeats) / 1e9
+
+
+def best_of(a: Machine, b: Machine) -> Machine:
+    """Interference only lowers a measured rate, so the higher of two measurements stands."""
+    best = lambda x, y: y if x is None else (x if y is None else max(x, y))
+    return dataclasses.replace(
+        a, gemm_gflops=max(a.gemm_gflops, b.gemm_gflops), read_gbps=max(a.read_gbps, b.read_gbps),
+        torch_gemm_gflops=best(a.torch_gemm_gflops, b.torch_gemm_gflops))
+
+
+def measure(with_torch: bool = True, quick: bool = False) -> Machine:
+    repeats = 5 if quick else 10
+    device = jax.devices()[0]
+    return Machine(cpu=cpu_model(), cores=os.cpu_count() or 1, platform=device.platform,
+                   device=str(getattr(device, "device_kind", device)),
+                   gemm_gflops=gemm_gflops(4096 if device.platform == "gpu" else 2048, repeats),
+                   torch_gemm_gflops=torch_gemm_gflops(repeats=repeats) if with_torch else None,
+                   read_gbps=read_gbps(repeats=repeats))
+

@@ -1,0 +1,27 @@
+"""The PyTorch reference (tests/torch_reference.py) and the same weights as JAX params."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from backpack_jax.config import BackpackConfig
+from backpack_jax.model import Params
+
+
+def pin_torch_threads() -> int:
+    """One torch thread per core, as XLA's CPU client uses, so both sides get the same cores."""
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(cores)
+    return cores
+
+
+def reference_and_params(config: BackpackConfig, seed: int = 0):
+    """(TorchBackpackLM in eval mode, the identical JAX params)."""
+    import convert
+    from tests.torch_reference import random_reference
+
+    reference = random_reference(config, seed)
+    params: Params = convert.from_state_dict(reference.canonical_tensors(), config)
+    return reference, params

@@ -1,0 +1,132 @@
+"""Markdown tables of a benchmark run, each figure beside its physical bound and its target."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench import flops
+from backpack_jax.config import get_config
+
+
+def _f(x: float | None, digits: int = 1) -> str:
+    return "-" if x is None else f"{x:,.{digits}f}"
+
+
+def _row(cells: list[Any]) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _mark(ok: bool | None) -> str:
+    return "-" if ok is None else ("met" if ok else "**missed**")
+
+
+def forward_rows(results: dict, machine: dict) -> list[str]:
+    config = get_config(results["config"])
+    rows = []
+    for r in results["runs"]:
+        bound = machine["gemm_gflops"] * 1e9 / flops.forward_flops_per_token(config, r["seq_len"])
+        frac = r["jax_tokens_per_s"] / bound
+        ratio = r.get("speedup")
+        ok = None if ratio is None else (ratio >= 1.0 and frac >= 0.9)
+        rows.append(_row([f"forward B={r['batch']} S={r['seq_len']} fp32",
+                          _f(r["jax_tokens_per_s"]), _f(r.get("ref_tokens_per_s")),
+                          _f(ratio, 2) + ("x" if ratio else ""), _f(bound),
+                          f"{100 * frac:.0f}%", ">= ref, >= 90%", _mark(ok)]))
+    return rows
+
+
+def generation_rows(results: dict, machine: dict) -> list[str]:
+    config = get_config(results["config"])
+    rows = []
+    for label, r in results["runs"].items():
+        cache_len = r["prompt_len"] + r["new_tokens"] - 1
+        step_bytes = flops.decode_bytes_per_token(config, cache_len, r.get("sense_table", False))
+        bound = machine["read_gbps"] * 1e9 / step_bytes  # decode steps/s
+        decode_rate = 1e3 / r["jax"]["decode_step_ms"]
+        frac = decode_rate / bound
+        ratio = r.get("speedup")
+        ok = None if ratio is None else (ratio >= 15 and frac >= 0.8)
+        rows.append(_row([f"generate {r['new_tokens']} new, B=1, {label}",
+                          _f(r["jax"]["tokens_per_s"]),
+                          _f(r.get("reference", {}).get("tokens_per_s"), 2),
+                          _f(ratio, 1) + ("x" if ratio else ""),
+                          f"{_f(bound)} steps/s ({step_bytes / 1e6:,.0f} MB/step)",
+                          f"{100 * frac:.0f}% (step {r['jax']['decode_step_ms']:.1f} ms)",
+                          ">= 15x, >= 80%", _mark(ok)]))
+    return rows
+
+
+def training_rows(results: dict, machine: dict) -> list[str]:
+    config = get_config(results["preset"])
+    r = results["run"]
+    bound = machine["gemm_gflops"] * 1e9 / (3 * flops.forward_flops_per_token(config, r["seq_len"]))
+    ratio = r.get("speedup")
+    return [_row([f"train step {results['config']} {r['batch']}x{r['seq_len']} {r['dtype']}",
+                  _f(r["jax_tokens_per_s"]), _f(r.get("ref_tokens_per_s")),
+                  _f(ratio, 2) + ("x" if ratio else ""), _f(bound),
+                  f"{100 * r['jax_tokens_per_s'] / bound:.0f}%", ">= 1.1x",
+                  _mark(None if ratio is None else ratio >= 1.1)])]
+
+
+def latency_table(results: dict) -> list[str]:
+    lines = ["| generation, ms per token near position | " + " | ".join(
+        k.rsplit("_", 1)[1] for k in next(iter(results["runs"].values()))["jax"]
+        if k.startswith("latency_ms_at_")) + " |"]
+    lines.append("|---" * (len(lines[0].split("|")) - 2) + "|")
+    for label, r in results["runs"].items():
+        for side in ("jax", "reference"):
+            if side in r:
+                vals = [_f(v) for k, v in r[side].items() if k.startswith("latency_ms_at_")]
+                name = f"backpack-jax ({label})" if side == "jax" else "reference (full forward)"
+                lines.append(_row([name] + vals))
+    return lines
+
+
+def markdown(results: dict) -> str:
+    m = results["machine"]
+    torch_gemm = m.get("torch_gemm_gflops")
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, jax platform `{m['platform']}`; "
+             f"measured in this run: fp32 GEMM {m['gemm_gflops']:.0f} GFLOP/s (XLA"
+             + (f"; PyTorch/MKL {torch_gemm:.0f}" if torch_gemm else "")
+             + f"), memory read {m['read_gbps']:.1f} GB/s.", "",
+             "| benchmark (tokens/s) | backpack-jax | reference | ratio | bound | of bound "
+             "| target | |", "|---|---|---|---|---|---|---|---|"]
+    if "forward" in results:
+        lines += forward_rows(results["forward"], m)
+    if "generation" in results:
+        lines += generation_rows(results["generation"], m)
+    if "training" in results:
+        lines += training_rows(results["training"], m)
+    if "generation" in results:
+        lines += [""] + latency_table(results["generation"])
+    compiles = []
+    for r in results.get("forward", {}).get("runs", []):
+        compiles.append(f"forward B={r['batch']} {r['compile_s']:.1f} s")
+    for label, r in results.get("generation", {}).get("runs", {}).items():
+        compiles.append(f"generation ({label}) first call {r['first_run_s']:.1f} s")
+        if "table_build_s" in r:
+            compiles.append(f"building the sense table ({r['table_gb']:.2f} GB) "
+                            f"{r['table_build_s']:.1f} s")
+    if "training" in results:
+        compiles.append(f"train step {results['training']['run']['compile_s']:.1f} s")
+    if compiles:
+        lines += ["", "Compile / first-call times (not in the rates above): "
+                  + "; ".join(compiles) + "."]
+    if "forward" in results:
+        diffs = [f"B={r['batch']}: {r['max_rel_diff']:.1e}" for r in results["forward"]["runs"]
+                 if "max_rel_diff" in r]
+        if diffs:
+            lines.append("Forward logits vs reference, max |diff| / max |logit|: "
+                         + ", ".join(diffs) + ".")
+    if "gpu" in results:
+        g = results["gpu"]
+        t = g["training"]
+        lines += ["", f"GPU ({g['device']}): gpt2_small train {t['batch']}x{t['seq_len']} bf16: "
+                  f"{_f(t['jax_tokens_per_s'], 0)} tokens/s, MFU "
+                  f"{_f(100 * t['mfu'] if t.get('mfu') else None)}%, peak memory "
+                  f"{_f(t.get('peak_memory_gib'))} GiB; forward "
+                  + ", ".join(f"B={r['batch']} {_f(r['jax_tokens_per_s'], 0)}"
+                              for r in g["forward"])
+                  + f" tokens/s; generation {_f(g['generation']['jax']['tokens_per_s'])} "
+                  f"tokens/s."]
+    return "\n".join(lines)

@@ -1,0 +1,30 @@
+"""Wall-clock timing that tolerates a shared, noisy machine: the best of several runs."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import jax
+
+
+def block(x: Any) -> Any:
+    """Waits for every array in `x` (JAX dispatches asynchronously)."""
+    return jax.block_until_ready(x)
+
+
+def best_seconds(fn: Callable[[], Any], repeats: int) -> float:
+    """The fastest of `repeats` calls; interference only ever adds time, so min is the estimate."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        block(fn())
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def seconds(fn: Callable[[], Any]) -> tuple[float, Any]:
+    """(wall time, result) of one call, e.g. the first call of a jitted function (compile)."""
+    start = time.perf_counter()
+    out = block(fn())
+    return time.perf_counter() - start, out

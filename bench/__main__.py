@@ -14,7 +14,7 @@ import sys
 PARTS = ("forward", "generation", "training")
 
 
-def cpu_part(name: str, quick: bool) -> dict:
+def cpu_part(name: str, quick: bool, new_tokens: int | None = None) -> dict:
     """One CPU comparison against the PyTorch reference (same weights, same cores)."""
     from backpack_jax import sense_table
     from backpack_jax.config import get_config
@@ -28,7 +28,7 @@ def cpu_part(name: str, quick: bool) -> dict:
     if name == "forward":
         return {"config": "backpack_gpt2", "runs": [
             forward.run(config, ref, params, b, 512, repeats=1 if quick else 4) for b in (1, 8)]}
-    new = 64 if quick else 256
+    new = new_tokens or (64 if quick else 256)
     runs = {"cached": generation.run(config, ref, params, 32, new)}
     build_s, table = timing.seconds(lambda: sense_table.build(params, config))
     with_table = generation.run(config, ref, params, 32, new, with_reference=False,
@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", default="bench_results.json", help="where to write results")
     parser.add_argument("--only", action="append", choices=PARTS,
                         help="run only these parts (repeatable); default all")
+    parser.add_argument("--new_tokens", type=int, default=None,
+                        help="tokens to generate after the 32-token prompt (default 256; 64 quick)")
     args = parser.parse_args(argv)
 
     import jax  # after argparse so that --help is instant
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
             from bench import gpu
             results["gpu"] = gpu.run(args.quick)
         else:
-            results[part] = cpu_part(part, args.quick)
+            results[part] = cpu_part(part, args.quick, args.new_tokens)
     # Measured again at the end; interference only lowers a rate, so the bounds use the best.
     last = machine.measure(quick=args.quick)
     results["machine"] = dataclasses.asdict(machine.best_of(first, last))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -58,14 +59,22 @@ def abstract_params(config: BackpackConfig) -> model.Params:
     return jax.eval_shape(lambda: model.init(config, jax.random.PRNGKey(0)))
 
 
+def with_sharding(tree: Any, sharding: Any) -> Any:
+    """Shape/dtype structs of `tree` laid out by `sharding` (one Sharding or a matching tree):
+    the restore target Orbax needs to place arrays regardless of how they were saved."""
+    if isinstance(sharding, jax.sharding.Sharding):
+        sharding = jax.tree.map(lambda _: sharding, tree)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        tree, sharding)
+
+
 def restore_params(params_dir: str | os.PathLike, config: BackpackConfig) -> model.Params:
     """Restores an Orbax parameter tree onto one device, checking it against the config's shapes.
 
     The explicit sharding lets a checkpoint written by a multi-device run load anywhere.
     """
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          abstract_params(config))
+    target = with_sharding(abstract_params(config),
+                           jax.sharding.SingleDeviceSharding(jax.devices()[0]))
     return ocp.StandardCheckpointer().restore(pathlib.Path(params_dir).absolute(), target)
 
 

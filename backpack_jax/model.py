@@ -73,6 +73,11 @@ def _dense(features: int, std: float, dtype: Any, name: str | None = None) -> nn
                     name=name)
 
 
+def _output_proj_std(config: BackpackConfig) -> float:
+    """Init std of each residual-branch output projection (every MLP's c_proj, attn.c_proj)."""
+    return config.initializer_range / math.sqrt(2 * config.n_layer)
+
+
 def _layer_norm(config: BackpackConfig, name: str) -> nn.LayerNorm:
     """LayerNorm in float32 whatever the compute dtype, with torch's two-pass variance."""
     return nn.LayerNorm(epsilon=config.layer_norm_epsilon, dtype=jnp.float32,
@@ -92,8 +97,7 @@ class MLP(nn.Module):
         cfg = self.config
         h = _dense(self.hidden, cfg.initializer_range, self.dtype, "c_fc")(x)
         h = jax.nn.gelu(h, approximate=True)  # gelu_new is the tanh approximation.
-        proj_std = cfg.initializer_range / math.sqrt(2 * cfg.n_layer)
-        h = _dense(self.out, proj_std, self.dtype, "c_proj")(h)
+        h = _dense(self.out, _output_proj_std(cfg), self.dtype, "c_proj")(h)
         return nn.Dropout(cfg.resid_pdrop, deterministic=not train)(h)
 
 
@@ -129,8 +133,7 @@ class Attention(nn.Module):
         probs_BxHxSxT = nn.Dropout(cfg.attn_pdrop, deterministic=not train)(probs_BxHxSxT)
         out_BxSxHxE = jnp.einsum("bhst,bthe->bshe", probs_BxHxSxT.astype(self.dtype),
                                  v_BxSxHxE.astype(self.dtype))
-        proj_std = cfg.initializer_range / math.sqrt(2 * cfg.n_layer)
-        out = _dense(D, proj_std, self.dtype, "c_proj")(out_BxSxHxE.reshape(B, S, D))
+        out = _dense(D, _output_proj_std(cfg), self.dtype, "c_proj")(out_BxSxHxE.reshape(B, S, D))
         return nn.Dropout(cfg.resid_pdrop, deterministic=not train)(out), kv
 
 
@@ -324,6 +327,11 @@ def init(config: BackpackConfig, rng: jax.Array) -> Params:
     ids = jnp.zeros((1, 2), jnp.int32)
     variables = BackpackLM(config).init(rng, ids, jnp.arange(2)[None], causal_mask(2))
     return variables["params"]
+
+
+def count_params(tree: Any) -> int:
+    """Number of parameters in a (possibly abstract) parameter tree or subtree."""
+    return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
 
 
 def _is_concrete(x: Any) -> bool:

@@ -6,6 +6,7 @@ over the whole S x S square as in the usual MFU convention and in both implement
 
 from __future__ import annotations
 
+from backpack_jax import checkpoint, model
 from backpack_jax.config import BackpackConfig
 from train.metrics import train_flops_per_token
 
@@ -19,13 +20,14 @@ def forward_flops_per_token(config: BackpackConfig, seq_len: int) -> float:
 
 
 def param_count(config: BackpackConfig) -> dict[str, int]:
-    """Parameters by part: `sense_network` is what a per-vocabulary sense table replaces."""
-    D, L, V, K = config.n_embd, config.n_layer, config.vocab_size, config.num_senses
-    F, H = config.inner_dim, config.sense_intermediate_scale * D
-    layer = 4 * D + (D * 3 * D + 3 * D) + (D * D + D) + (D * F + F) + (F * D + D)
-    sense = 6 * D + (D * 4 * D + 4 * D) + (4 * D * D + D) + (D * H + H) + (H * K * D + K * D)
-    return {"embeddings": V * D + config.n_positions * D, "transformer": L * layer + 2 * D,
-            "sense_network": sense, "weight_network": D * 2 * D + 2 * D}
+    """Parameters by part, counted on the real tree: `sense_network` is what a sense table
+    replaces."""
+    tree = checkpoint.abstract_params(config)["backpack"]
+    gpt2 = dict(tree["gpt2_model"])
+    embeddings = model.count_params([gpt2.pop("wte"), gpt2.pop("wpe")])
+    return {"embeddings": embeddings, "transformer": model.count_params(gpt2),
+            "sense_network": model.count_params(tree["sense_network"]),
+            "weight_network": model.count_params(tree["sense_weight_net"])}
 
 
 def decode_bytes_per_token(config: BackpackConfig, cache_len: int, sense_table: bool) -> float:

@@ -10,10 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from backpack_jax import checkpoint
+from backpack_jax import checkpoint, model
 from convert.hf_io import save_hf
 from convert.state_dict import ConversionError
-from convert.summary import count_params
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConversionError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {args.out}: {count_params(params):,} parameters")
+    print(f"wrote {args.out}: {model.count_params(params):,} parameters")
     return 0
 
 

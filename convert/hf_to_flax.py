@@ -8,10 +8,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from backpack_jax import checkpoint
+from backpack_jax import checkpoint, model
 from convert.hf_io import load_hf
 from convert.state_dict import ConversionError
-from convert.summary import count_params
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConversionError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {args.out}: {count_params(params):,} parameters, n_layer={config.n_layer}, "
+    print(f"wrote {args.out}: {model.count_params(params):,} parameters, n_layer={config.n_layer}, "
           f"n_embd={config.n_embd}, num_senses={config.num_senses}")
     return 0
 

@@ -19,13 +19,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from backpack_jax.checkpoint import STEPS_DIR
+from backpack_jax.checkpoint import STEPS_DIR, with_sharding
 from train.step import TrainState
-
-
-def _abstract(tree: Any, shardings: Any) -> Any:
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        tree, shardings)
 
 
 class TrainCheckpoints:
@@ -56,8 +51,9 @@ class TrainCheckpoints:
                 ) -> tuple[TrainState, dict[str, Any]]:
         """The state saved at `step`, laid out by `shardings`, and the data iterator state."""
         restored = self.manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(_abstract(like.params, shardings.params)),
-            opt_state=ocp.args.StandardRestore(_abstract(like.opt_state, shardings.opt_state)),
+            params=ocp.args.StandardRestore(with_sharding(like.params, shardings.params)),
+            opt_state=ocp.args.StandardRestore(
+                with_sharding(like.opt_state, shardings.opt_state)),
             train=ocp.args.JsonRestore()))
         train = restored["train"]
         if train["step"] != step:

@@ -3,7 +3,9 @@
 Each new token costs one token's work: the prompt is run once (prefill) into a `DecodeCache`
 holding every GPT-2 layer's keys and values, the weight network's keys and the sense vectors of
 the tokens seen so far; each decode step then runs the model on the one new token against that
-cache. Both functions are jit-compiled once per (batch size, prompt length, length budget).
+cache. `stream` dispatches one jitted step per token so that each arrives as soon as it is
+chosen; `generate` runs the whole loop on the device (`lax.while_loop`), without a host round
+trip per token. Both are compiled once per (batch size, prompt length, length budget).
 
 Prompts of different lengths are left-padded to a common length; each row's position ids count
 from its first real token and `attend_BxSxT` hides the padding slots, so a padded row yields the
@@ -181,7 +183,7 @@ def _prefill(params, ids_BxP, start_B, sense_edit, sampling, *, config, dtype, l
 def _decode_step(params, cache, token_B, index, start_B, done_B, step, sense_edit, sampling, *,
                  config, dtype):
     """Feeds one token per row at cache slot `index` and picks the next one."""
-    t_T = jnp.arange(cache.senses_BxTxKxD.shape[1])
+    t_T = jnp.arange(cache.length)
     attend_Bx1xT = ((t_T[None] <= index) & (t_T[None] >= start_B[:, None]))[:, None]
     pos_Bx1 = (index - start_B)[:, None]
     out, cache = BackpackLM(config, dtype).apply(
@@ -190,6 +192,41 @@ def _decode_step(params, cache, token_B, index, start_B, done_B, step, sense_edi
     logits_BxV = out.logits[:, 0]
     next_B, done_B = _choose(logits_BxV, done_B, step, sampling)
     return cache, next_B, done_B, logits_BxV
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "max_new_tokens",
+                                             "return_logits"))
+def _generate_loop(params, ids_BxP, start_B, sense_edit, sampling, *, config, dtype,
+                   max_new_tokens, return_logits):
+    """Prefill and every decode step in one computation; returns (tokens [B, N], how many
+    were produced (fewer than N when every row reached eos), logits [B, N, V] or None)."""
+    B, P = ids_BxP.shape
+    N = max_new_tokens
+    cache, next_B, done_B, logits_BxV = _prefill(
+        params, ids_BxP, start_B, sense_edit, sampling, config=config, dtype=dtype,
+        length=P + N - 1)
+    tokens_BxN = jnp.zeros((B, N), jnp.int32).at[:, 0].set(next_B)
+    logits_BxNxV = None
+    if return_logits:
+        logits_BxNxV = jnp.zeros((B, N, config.vocab_size), jnp.float32).at[:, 0].set(logits_BxV)
+
+    def more(carry):
+        step, _, _, done_B, _, _ = carry
+        return (step < N) & ~((sampling.eos_id >= 0) & done_B.all())
+
+    def decode(carry):
+        step, cache, next_B, done_B, tokens_BxN, logits_BxNxV = carry
+        cache, next_B, done_B, logits_BxV = _decode_step(
+            params, cache, next_B, P + step - 1, start_B, done_B, step, sense_edit, sampling,
+            config=config, dtype=dtype)
+        tokens_BxN = tokens_BxN.at[:, step].set(next_B)
+        if logits_BxNxV is not None:
+            logits_BxNxV = logits_BxNxV.at[:, step].set(logits_BxV)
+        return step + 1, cache, next_B, done_B, tokens_BxN, logits_BxNxV
+
+    step, _, _, _, tokens_BxN, logits_BxNxV = jax.lax.while_loop(
+        more, decode, (jnp.int32(1), cache, next_B, done_B, tokens_BxN, logits_BxNxV))
+    return tokens_BxN, step, logits_BxNxV
 
 
 def _prepare(config, prompt_ids, max_new_tokens, temperature, top_k, top_p, rng, eos_id):
@@ -201,7 +238,7 @@ def _prepare(config, prompt_ids, max_new_tokens, temperature, top_k, top_p, rng,
 
 def _steps(params, config, ids_BxP, lengths_B, max_new_tokens, sampling, return_logits,
            sense_edit, dtype) -> Iterator[StepOutput]:
-    B, P = ids_BxP.shape
+    P = ids_BxP.shape[1]
     start_B = jnp.asarray(P - lengths_B, jnp.int32)
     # The last new token is never fed back, so it needs no cache slot.
     cache, next_B, done_B, logits_BxV = _prefill(
@@ -254,10 +291,14 @@ def generate(params: Params, config: BackpackConfig, prompt_ids: Any, max_new_to
     """
     sampling, pad_id, ids_BxP, lengths_B = _prepare(config, prompt_ids, max_new_tokens,
                                                     temperature, top_k, top_p, rng, eos_id)
-    steps = list(_steps(params, config, ids_BxP, lengths_B, max_new_tokens, sampling,
-                        return_logits, sense_edit, dtype))
-    new_BxN = np.stack([s.tokens for s in steps], axis=1)
-    logits = np.stack([s.logits for s in steps], axis=1) if return_logits else None
+    B, P = ids_BxP.shape
+    tokens_BxN, produced, logits_BxNxV = _generate_loop(
+        params, jnp.asarray(ids_BxP), jnp.asarray(P - lengths_B, jnp.int32), sense_edit,
+        sampling, config=config, dtype=dtype, max_new_tokens=max_new_tokens,
+        return_logits=return_logits)
+    produced = int(produced)
+    new_BxN = np.asarray(tokens_BxN)[:, :produced]
+    logits = np.asarray(logits_BxNxV)[:, :produced] if return_logits else None
     return Generation(tokens=np.concatenate([ids_BxP, new_BxN], axis=1),
                       prompt_lengths=lengths_B, logits=logits, pad_id=pad_id)
 

@@ -39,20 +39,27 @@ class BackpackOutput:
 class DecodeCache:
     """Everything decoding needs about the prefix, in buffers of length T (the length budget)."""
 
-    keys: tuple[jax.Array, ...]  # per GPT-2 layer [B, T, H, Dh]
-    values: tuple[jax.Array, ...]  # per GPT-2 layer [B, T, H, Dh]
-    sense_keys_BxTxKxE: jax.Array  # weight-network keys
-    senses_BxTxKxD: jax.Array  # sense vectors of the tokens seen so far
+    # Batch and heads (or senses) share the leading axis: [B*N, T, F] is exactly the operand of
+    # the attention products, so a decode step writes its new entries in place and the products
+    # read the buffer as it is. (With [B, N, T, F] and B = 1, XLA copies every buffer per step.)
+    keys: tuple[jax.Array, ...]  # per GPT-2 layer [B*H, T, Dh]
+    values: tuple[jax.Array, ...]  # per GPT-2 layer [B*H, T, Dh]
+    sense_keys_BKxTxE: jax.Array  # weight-network keys
+    senses_BKxTxD: jax.Array  # sense vectors of the tokens seen so far
 
     @classmethod
     def zeros(cls, config: BackpackConfig, batch: int, length: int,
               dtype: Any = jnp.float32) -> "DecodeCache":
-        kv = jnp.zeros((batch, length, config.n_head, config.head_dim), dtype)
+        kv = jnp.zeros((batch * config.n_head, length, config.head_dim), dtype)
         return cls(keys=(kv,) * config.n_layer, values=(kv,) * config.n_layer,
-                   sense_keys_BxTxKxE=jnp.zeros(
-                       (batch, length, config.num_senses, config.sense_head_dim), dtype),
-                   senses_BxTxKxD=jnp.zeros(
-                       (batch, length, config.num_senses, config.n_embd), dtype))
+                   sense_keys_BKxTxE=jnp.zeros(
+                       (batch * config.num_senses, length, config.sense_head_dim), dtype),
+                   senses_BKxTxD=jnp.zeros(
+                       (batch * config.num_senses, length, config.n_embd), dtype))
+
+    @property
+    def length(self) -> int:
+        return self.senses_BKxTxD.shape[1]
 
 
 class SenseEdit(Protocol):
@@ -61,16 +68,71 @@ class SenseEdit(Protocol):
     def edit(self, input_ids_BxS: jax.Array, senses_BxSxKxD: jax.Array) -> jax.Array: ...
 
 
-def _write(buffer_BxTx: jax.Array, new_BxSx: jax.Array, index: jax.Array) -> jax.Array:
-    """Writes `new` into `buffer` along axis 1 starting at `index`."""
-    start = (0, index) + (0,) * (buffer_BxTx.ndim - 2)
-    return jax.lax.dynamic_update_slice(buffer_BxTx, new_BxSx.astype(buffer_BxTx.dtype), start)
+def _write(buffer_BNxTxF: jax.Array, new_BNxSxF: jax.Array, index: jax.Array) -> jax.Array:
+    """Writes `new` into a cache buffer along its time axis starting at `index`."""
+    return jax.lax.dynamic_update_slice(buffer_BNxTxF, new_BNxSxF.astype(buffer_BNxTxF.dtype),
+                                        (0, index, 0))
 
 
-def _dense(features: int, std: float, dtype: Any, name: str | None = None) -> nn.Dense:
-    return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32,
-                    kernel_init=nn.initializers.normal(std), bias_init=nn.initializers.zeros,
-                    name=name)
+def _fold(x_BxSxNxF: jax.Array) -> jax.Array:
+    """[B, S, N, F] -> [B*N, S, F]: one leading axis for batch and heads (or senses)."""
+    B, S, N, F = x_BxSxNxF.shape
+    return x_BxSxNxF.transpose(0, 2, 1, 3).reshape(B * N, S, F)
+
+
+def _scores(q_BNxSxE: jax.Array, k_BNxTxE: jax.Array, batch: int) -> jax.Array:
+    """q . k for every query and key position, in float32: [B, N, S, T]."""
+    scores_BNxSxT = jnp.einsum("nse,nte->nst", q_BNxSxE, k_BNxTxE,
+                               preferred_element_type=jnp.float32)
+    return scores_BNxSxT.reshape(batch, -1, *scores_BNxSxT.shape[1:])
+
+
+def _mix(p_BxNxSxT: jax.Array, v_BNxTxF: jax.Array, dtype: Any) -> jax.Array:
+    """Per head, the p-weighted sum of values over positions: [B, N, S, F]."""
+    B, N, S, T = p_BxNxSxT.shape
+    out_BNxSxF = jnp.einsum("nst,ntf->nsf", p_BxNxSxT.reshape(B * N, S, T).astype(dtype),
+                            v_BNxTxF.astype(dtype), preferred_element_type=jnp.float32)
+    return out_BNxSxF.reshape(B, N, S, -1)
+
+
+# Products with at most this many rows (decode steps) split their contraction in _SPLITS parts.
+_FEW_ROWS = 8
+_SPLITS = 8
+
+
+class Dense(nn.Module):
+    """x @ kernel + bias, kernel [in, out] like HF's Conv1D; float32 parameters.
+
+    A decode step's products are matrix-vector products, bound by reading the kernel; XLA's CPU
+    dot reads a lone one at ~20 GB/s where the machine streams ~30. Splitting the contraction
+    into independent slices (a batched product, then a sum) lets XLA spread them over the cores:
+    a backpack-gpt2 decode step went from 37 to 34 ms (BENCHMARKS.md). Same arithmetic up to the
+    order of the sum.
+    """
+
+    features: int
+    std: float
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x_NxI: jax.Array) -> jax.Array:
+        n_in = x_NxI.shape[-1]
+        kernel_IxO = self.param("kernel", nn.initializers.normal(self.std),
+                                (n_in, self.features), jnp.float32).astype(self.dtype)
+        bias_O = self.param("bias", nn.initializers.zeros, (self.features,),
+                            jnp.float32).astype(self.dtype)
+        x_NxI = x_NxI.astype(self.dtype)
+        rows = math.prod(x_NxI.shape[:-1])
+        if rows > _FEW_ROWS or n_in % _SPLITS:
+            return x_NxI @ kernel_IxO + bias_O
+        g = _SPLITS
+        x_RxGxJ = x_NxI.reshape(rows, g, n_in // g)
+        parts_GxRxO = jnp.einsum("rgj,gjo->gro", x_RxGxJ, kernel_IxO.reshape(g, n_in // g, -1))
+        return (parts_GxRxO.sum(0) + bias_O).reshape(*x_NxI.shape[:-1], self.features)
+
+
+def _dense(features: int, std: float, dtype: Any, name: str | None = None) -> Dense:
+    return Dense(features, std, dtype, name=name)
 
 
 def _output_proj_std(config: BackpackConfig) -> float:
@@ -115,25 +177,24 @@ class Attention(nn.Module):
         cfg = self.config
         B, S, D = x_BxSxD.shape
         qkv = _dense(3 * D, cfg.initializer_range, self.dtype, "c_attn")(x_BxSxD)
-        q_BxSxHxE, k_BxSxHxE, v_BxSxHxE = (
-            t.reshape(B, S, cfg.n_head, cfg.head_dim) for t in jnp.split(qkv, 3, axis=-1))
+        q_BHxSxE, k_BHxTxE, v_BHxTxE = (
+            _fold(t.reshape(B, S, cfg.n_head, cfg.head_dim)) for t in jnp.split(qkv, 3, axis=-1))
         if kv is not None:
-            kv = (_write(kv[0], k_BxSxHxE, cache_index), _write(kv[1], v_BxSxHxE, cache_index))
-            k_BxSxHxE, v_BxSxHxE = kv
+            kv = (_write(kv[0], k_BHxTxE, cache_index), _write(kv[1], v_BHxTxE, cache_index))
+            k_BHxTxE, v_BHxTxE = kv
         scale = 1.0
         if cfg.scale_attn_weights:
             scale /= math.sqrt(cfg.head_dim)
         if cfg.scale_attn_by_inverse_layer_idx:
             scale /= self.layer_idx + 1
-        scores_BxHxSxT = jnp.einsum("bshe,bthe->bhst", q_BxSxHxE, k_BxSxHxE.astype(self.dtype),
-                                    preferred_element_type=jnp.float32) * scale
+        scores_BxHxSxT = _scores(q_BHxSxE, k_BHxTxE.astype(self.dtype), B) * scale
         scores_BxHxSxT = jnp.where(attend_BxSxT[:, None], scores_BxHxSxT,
                                    jnp.finfo(jnp.float32).min)
         probs_BxHxSxT = jax.nn.softmax(scores_BxHxSxT, axis=-1)
         probs_BxHxSxT = nn.Dropout(cfg.attn_pdrop, deterministic=not train)(probs_BxHxSxT)
-        out_BxSxHxE = jnp.einsum("bhst,bthe->bshe", probs_BxHxSxT.astype(self.dtype),
-                                 v_BxSxHxE.astype(self.dtype))
-        out = _dense(D, _output_proj_std(cfg), self.dtype, "c_proj")(out_BxSxHxE.reshape(B, S, D))
+        out_BxHxSxE = _mix(probs_BxHxSxT, v_BHxTxE, self.dtype).astype(self.dtype)
+        out_BxSxD = out_BxHxSxE.transpose(0, 2, 1, 3).reshape(B, S, D)
+        out = _dense(D, _output_proj_std(cfg), self.dtype, "c_proj")(out_BxSxD)
         return nn.Dropout(cfg.resid_pdrop, deterministic=not train)(out), kv
 
 
@@ -231,20 +292,21 @@ class WeightNetwork(nn.Module):
 
     @nn.compact
     def __call__(self, h_BxSxD: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Queries and keys, [B*K, S, E] each."""
         cfg = self.config
         B, S, _ = h_BxSxD.shape
         qk = _dense(2 * cfg.n_embd, cfg.initializer_range, self.dtype, "c_attn")(h_BxSxD)
         # Output index = (query|key) * D + sense * E + feature.
         qk_BxSx2xKxE = qk.reshape(B, S, 2, cfg.num_senses, cfg.sense_head_dim)
-        return qk_BxSx2xKxE[:, :, 0], qk_BxSx2xKxE[:, :, 1]
+        return _fold(qk_BxSx2xKxE[:, :, 0]), _fold(qk_BxSx2xKxE[:, :, 1])
 
 
-def contextualization_weights(q_BxSxKxE: jax.Array, k_BxTxKxE: jax.Array,
-                              attend_BxSxT: jax.Array) -> jax.Array:
-    """alpha: softmax over source positions of the scaled per-sense scores, in float32."""
-    scale = 1.0 / math.sqrt(q_BxSxKxE.shape[-1])
-    scores_BxKxSxT = jnp.einsum("bske,btke->bkst", q_BxSxKxE, k_BxTxKxE.astype(q_BxSxKxE.dtype),
-                                preferred_element_type=jnp.float32) * scale
+def contextualization_weights(q_BKxSxE: jax.Array, k_BKxTxE: jax.Array,
+                              attend_BxSxT: jax.Array, batch: int) -> jax.Array:
+    """alpha [B, K, S, T]: softmax over source positions of the scaled per-sense scores, in
+    float32."""
+    scale = 1.0 / math.sqrt(q_BKxSxE.shape[-1])
+    scores_BxKxSxT = _scores(q_BKxSxE, k_BKxTxE.astype(q_BKxSxE.dtype), batch) * scale
     scores_BxKxSxT = scores_BxKxSxT + jnp.where(attend_BxSxT[:, None], 0.0, WEIGHT_NET_MASK_VALUE)
     return jax.nn.softmax(scores_BxKxSxT, axis=-1)
 
@@ -272,30 +334,37 @@ class Backpack(nn.Module):
                  return_contextualization=False, return_senses=False):
         h_BxSxD, new_kv = self.gpt2_model(input_ids_BxS, position_ids_BxS, attend_BxSxT, train,
                                           cache, cache_index)
-        q_BxSxKxE, k_BxSxKxE = self.sense_weight_net(h_BxSxD)
+        B = input_ids_BxS.shape[0]
+        q_BKxSxE, k_BKxTxE = self.sense_weight_net(h_BxSxD)
         senses_BxSxKxD = self.senses(input_ids_BxS, train)
         if sense_edit is not None:
             senses_BxSxKxD = sense_edit.edit(input_ids_BxS, senses_BxSxKxD)
+        senses_BKxTxD = _fold(senses_BxSxKxD)
         new_cache = None
         if cache is not None:
             new_cache = DecodeCache(
                 keys=tuple(kv[0] for kv in new_kv), values=tuple(kv[1] for kv in new_kv),
-                sense_keys_BxTxKxE=_write(cache.sense_keys_BxTxKxE, k_BxSxKxE, cache_index),
-                senses_BxTxKxD=_write(cache.senses_BxTxKxD, senses_BxSxKxD, cache_index))
-            k_BxSxKxE, senses_BxSxKxD = new_cache.sense_keys_BxTxKxE, new_cache.senses_BxTxKxD
+                sense_keys_BKxTxE=_write(cache.sense_keys_BKxTxE, k_BKxTxE, cache_index),
+                senses_BKxTxD=_write(cache.senses_BKxTxD, senses_BKxTxD, cache_index))
+            k_BKxTxE, senses_BKxTxD = new_cache.sense_keys_BKxTxE, new_cache.senses_BKxTxD
         alpha_BxKxSxT = contextualization_BxKxSxT
         if alpha_BxKxSxT is None:
-            alpha_BxKxSxT = contextualization_weights(q_BxSxKxE, k_BxSxKxE, attend_BxSxT)
-        o_BxSxD = jnp.einsum("bkst,btkd->bsd", alpha_BxKxSxT.astype(self.dtype),
-                             senses_BxSxKxD.astype(self.dtype),
-                             preferred_element_type=jnp.float32)
+            alpha_BxKxSxT = contextualization_weights(q_BKxSxE, k_BKxTxE, attend_BxSxT, B)
+        senses_BxKxTxD = senses_BKxTxD.reshape(B, -1, *senses_BKxTxD.shape[1:])
+        if input_ids_BxS.shape[1] == 1:  # A decode step: per sense alpha_k @ senses_k, summed,
+            # which reads the cache buffer as it is (see DecodeCache).
+            o_BxSxD = jnp.sum(_mix(alpha_BxKxSxT, senses_BKxTxD, self.dtype), axis=1)
+        else:  # One product over senses and positions together: faster for long inputs.
+            o_BxSxD = jnp.einsum("bkst,bktd->bsd", alpha_BxKxSxT.astype(self.dtype),
+                                 senses_BxKxTxD.astype(self.dtype),
+                                 preferred_element_type=jnp.float32)
         wte_VxD = self.gpt2_model.wte.embedding
         logits_BxSxV = jnp.einsum("bsd,vd->bsv", o_BxSxD.astype(self.dtype),
                                   wte_VxD.astype(self.dtype), preferred_element_type=jnp.float32)
         out = BackpackOutput(
             logits=logits_BxSxV,
             contextualization=alpha_BxKxSxT if return_contextualization else None,
-            senses=jnp.swapaxes(senses_BxSxKxD, 1, 2) if return_senses else None)
+            senses=senses_BxKxTxD if return_senses else None)
         return out, new_cache
 
 

@@ -20,7 +20,7 @@ class Machine:
     device: str
     gemm_gflops: float  # fp32, jnp.dot of two n x n matrices, best of several
     torch_gemm_gflops: float | None  # the same product through PyTorch (MKL on CPU)
-    read_gbps: float  # fp32 array sum, best of several
+    read_gbps: float  # fp32 streaming read (sum or matrix-vector product), best of several
 
 
 def cpu_model() -> str:
@@ -52,11 +52,16 @@ def torch_gemm_gflops(n: int = 2048, repeats: int = 10) -> float:
 
 
 def read_gbps(megabytes: int = 512, repeats: int = 10) -> float:
-    """Memory read bandwidth: summing an array far larger than the caches."""
-    x = jnp.ones((megabytes * 2 ** 20 // 4,), jnp.float32)
-    total = jax.jit(jnp.sum)
-    total(x).block_until_ready()
-    return x.nbytes / best_seconds(lambda: total(x), repeats) / 1e9
+    """Memory read bandwidth: the fastest streaming read of an fp32 array far larger than the
+    caches, as a sum or as either matrix-vector product (what a decode step does)."""
+    x = jnp.ones((768, megabytes * 2 ** 20 // 4 // 768), jnp.float32)
+    v = jnp.ones((768,), jnp.float32)
+    reads = [jax.jit(jnp.sum), jax.jit(lambda x: v @ x), jax.jit(lambda x: x.reshape(-1, 768) @ v)]
+    best = float("inf")
+    for read in reads:
+        read(x).block_until_ready()
+        best = min(best, best_seconds(lambda: read(x), repeats))
+    return x.nbytes / best / 1e9
 
 
 def best_of(a: Machine, b: Machine) -> Machine:

@@ -123,10 +123,15 @@ def test_rows_that_emit_eos_keep_emitting_it_and_decoding_stops_when_all_are_don
     assert single.num_new == first + 1 and single.new_tokens[0, -1] == eos
 
 
-def test_streaming_yields_the_same_tokens_as_generate(params):
-    steps = list(generate.stream(params, CONFIG, PROMPTS, N_NEW))
-    np.testing.assert_array_equal(np.stack([s.tokens for s in steps], 1),
-                                  generate.generate(params, CONFIG, PROMPTS, N_NEW).new_tokens)
+@pytest.mark.parametrize("options", [{}, {"temperature": 0.9, "top_k": 20,
+                                          "rng": jax.random.PRNGKey(3)}])
+def test_streaming_yields_the_same_tokens_and_logits_as_generate(params, options):
+    """`generate` runs the loop on the device, `stream` one step per call: same computation."""
+    steps = list(generate.stream(params, CONFIG, PROMPTS, N_NEW, return_logits=True, **options))
+    out = generate.generate(params, CONFIG, PROMPTS, N_NEW, return_logits=True, **options)
+    np.testing.assert_array_equal(np.stack([s.tokens for s in steps], 1), out.new_tokens)
+    np.testing.assert_allclose(np.stack([s.logits for s in steps], 1), out.logits,
+                               rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("prompts, kwargs, message", [

@@ -84,6 +84,16 @@ def _params(name):
     return config, ref, from_state_dict(ref.canonical_tensors(), config)
 
 
+@pytest.mark.parametrize("batch, seq", [(1, 1), (1, 5), (2, 4)])
+def test_parity_for_decode_sized_inputs(batch, seq):
+    """At most 8 tokens take the decode-step paths: model.Dense's split matrix-vector products
+    and, for one position, the per-sense mix."""
+    config, ref, params = _params("odd")
+    ids = _ids(config, batch, seq, seed=2)
+    out = model.apply(params, jnp.asarray(ids), config, return_contextualization=True)
+    _compare(f"odd/{batch}x{seq}", out.logits, out.contextualization, *_run_reference(ref, ids))
+
+
 def test_parity_at_full_length_and_shifted_positions():
     config, ref, params = _params("odd")
     ids = _ids(config, 2, config.n_positions, seed=1)

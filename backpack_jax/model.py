@@ -135,6 +135,33 @@ def _dense(features: int, std: float, dtype: Any, name: str | None = None) -> De
     return Dense(features, std, dtype, name=name)
 
 
+class Dropout(nn.Module):
+    """Inverted dropout whose keep mask is drawn from 16-bit uniforms, two per random word.
+
+    JAX's sharding-invariant threefry spends a whole block on each element of the requested
+    shape whatever its bit width, and those random bits were the costliest elementwise work of a
+    CPU training step; one 32-bit word for each pair of neighbours halves them. The keep
+    probability is rounded to a multiple of 2^-16 (0.9 -> 0.899994) and kept values are scaled
+    by its exact inverse, so the layer stays unbiased. Odd last axes draw a word per element.
+    """
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        if deterministic or self.rate == 0.0:
+            return x
+        dropped_levels = round(self.rate * 2 ** 16)
+        keep_prob = 1.0 - dropped_levels / 2 ** 16
+        rng, *lead, last = self.make_rng("dropout"), *x.shape
+        if last % 2:
+            levels = jax.random.bits(rng, x.shape, jnp.uint32) >> 16
+        else:
+            words = jax.random.bits(rng, (*lead, last // 2), jnp.uint32)
+            levels = jnp.stack([words & 0xFFFF, words >> 16], axis=-1).reshape(x.shape)
+        return jnp.where(levels >= dropped_levels, x / keep_prob, 0.0).astype(x.dtype)
+
+
 def _output_proj_std(config: BackpackConfig) -> float:
     """Init std of each residual-branch output projection (every MLP's c_proj, attn.c_proj)."""
     return config.initializer_range / math.sqrt(2 * config.n_layer)
@@ -160,7 +187,7 @@ class MLP(nn.Module):
         h = _dense(self.hidden, cfg.initializer_range, self.dtype, "c_fc")(x)
         h = jax.nn.gelu(h, approximate=True)  # gelu_new is the tanh approximation.
         h = _dense(self.out, _output_proj_std(cfg), self.dtype, "c_proj")(h)
-        return nn.Dropout(cfg.resid_pdrop, deterministic=not train)(h)
+        return Dropout(cfg.resid_pdrop)(h, not train)
 
 
 class Attention(nn.Module):
@@ -191,11 +218,11 @@ class Attention(nn.Module):
         scores_BxHxSxT = jnp.where(attend_BxSxT[:, None], scores_BxHxSxT,
                                    jnp.finfo(jnp.float32).min)
         probs_BxHxSxT = jax.nn.softmax(scores_BxHxSxT, axis=-1)
-        probs_BxHxSxT = nn.Dropout(cfg.attn_pdrop, deterministic=not train)(probs_BxHxSxT)
+        probs_BxHxSxT = Dropout(cfg.attn_pdrop)(probs_BxHxSxT, not train)
         out_BxHxSxE = _mix(probs_BxHxSxT, v_BHxTxE, self.dtype).astype(self.dtype)
         out_BxSxD = out_BxHxSxE.transpose(0, 2, 1, 3).reshape(B, S, D)
         out = _dense(D, _output_proj_std(cfg), self.dtype, "c_proj")(out_BxSxD)
-        return nn.Dropout(cfg.resid_pdrop, deterministic=not train)(out), kv
+        return Dropout(cfg.resid_pdrop)(out, not train), kv
 
 
 class Block(nn.Module):
@@ -233,7 +260,7 @@ class GPT2Model(nn.Module):
                             param_dtype=jnp.float32)
         self.wpe = nn.Embed(cfg.n_positions, cfg.n_embd, embedding_init=embed_init,
                             param_dtype=jnp.float32)
-        self.drop = nn.Dropout(cfg.embd_pdrop)
+        self.drop = Dropout(cfg.embd_pdrop)
         self.h = [block(cfg, i, self.dtype) for i in range(cfg.n_layer)]
         self.ln_f = _layer_norm(cfg, "ln_f")
 
@@ -257,7 +284,7 @@ class SenseNetwork(nn.Module):
     @nn.compact
     def __call__(self, embeds_BxSxD: jax.Array, train: bool) -> jax.Array:
         cfg = self.config
-        residual = nn.Dropout(cfg.embd_pdrop, deterministic=not train)(embeds_BxSxD)
+        residual = Dropout(cfg.embd_pdrop)(embeds_BxSxD, not train)
         h = _layer_norm(cfg, "ln")(residual).astype(self.dtype)
         h = NoMixBlock(cfg, self.dtype, name="block")(h, residual, train)
         senses = MLP(cfg, cfg.sense_intermediate_scale * cfg.n_embd,
@@ -276,11 +303,11 @@ class NoMixBlock(nn.Module):
     @nn.compact
     def __call__(self, h_BxSxD, residual_BxSxD, train):
         cfg = self.config
-        residual_BxSxD = (nn.Dropout(cfg.resid_pdrop, deterministic=not train)(h_BxSxD)
+        residual_BxSxD = (Dropout(cfg.resid_pdrop)(h_BxSxD, not train)
                           + residual_BxSxD)
         h = _layer_norm(cfg, "ln_1")(residual_BxSxD).astype(self.dtype)
-        residual_BxSxD = residual_BxSxD + nn.Dropout(cfg.resid_pdrop, deterministic=not train)(
-            MLP(cfg, 4 * cfg.n_embd, cfg.n_embd, self.dtype, name="mlp")(h, train))
+        residual_BxSxD = residual_BxSxD + Dropout(cfg.resid_pdrop)(
+            MLP(cfg, 4 * cfg.n_embd, cfg.n_embd, self.dtype, name="mlp")(h, train), not train)
         return _layer_norm(cfg, "ln_2")(residual_BxSxD).astype(self.dtype)
 
 

@@ -173,6 +173,24 @@ def test_each_dropout_site_acts_alone_and_zero_rate_is_eval(site):
     assert not np.allclose(_logits(params, ids, one, train=True, rng=key), eval_logits)
 
 
+@pytest.mark.parametrize("shape", [(4, 64, 2048), (3, 1001)])  # even / odd last axis
+@pytest.mark.parametrize("rate", [0.1, 0.3])
+def test_dropout_drops_at_its_rate_and_is_unbiased(shape, rate):
+    x = jnp.ones(shape, jnp.float32)
+    y = np.asarray(model.Dropout(rate).apply({}, x, False, rngs={"dropout": jax.random.PRNGKey(0)}))
+    keep_prob = 1 - round(rate * 2 ** 16) / 2 ** 16
+    kept = y != 0
+    np.testing.assert_allclose(y[kept], 1 / keep_prob, rtol=1e-6)
+    n = y.size  # the dropped fraction is within 4 binomial standard deviations of the rate
+    assert abs((~kept).mean() - rate) < 4 * np.sqrt(rate * (1 - rate) / n)
+    assert abs(y.mean() - 1) < 4 * np.sqrt(rate / (1 - rate) / n)
+    if shape[-1] % 2 == 0:  # The two halves of each random word drop independently.
+        pairs = (~kept).reshape(-1, 2)
+        both = (pairs[:, 0] & pairs[:, 1]).mean()
+        assert abs(both - rate ** 2) < 4 * np.sqrt(rate ** 2 / pairs.shape[0])
+    np.testing.assert_array_equal(model.Dropout(rate).apply({}, x, True), x)
+
+
 def test_bfloat16_compute_is_close_to_float32():
     config, _, params = _params("odd")
     ids = _ids(config, 2, 10)

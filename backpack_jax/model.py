@@ -151,7 +151,7 @@ class Dropout(nn.Module):
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
         if deterministic or self.rate == 0.0:
             return x
-        dropped_levels = round(self.rate * 2 ** 16)
+        dropped_levels = min(round(self.rate * 2 ** 16), 2 ** 16 - 1)  # keeps keep_prob > 0
         keep_prob = 1.0 - dropped_levels / 2 ** 16
         rng, *lead, last = self.make_rng("dropout"), *x.shape
         if last % 2:

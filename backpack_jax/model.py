@@ -338,6 +338,28 @@ def contextualization_weights(q_BKxSxE: jax.Array, k_BKxTxE: jax.Array,
     return jax.nn.softmax(scores_BxKxSxT, axis=-1)
 
 
+@jax.custom_vjp
+def _tied_lm_head(o_BxSxD: jax.Array, wte_VxD: jax.Array) -> jax.Array:
+    """Logits o @ wte^T in float32 (accumulated in float32 whatever the input dtype)."""
+    return jnp.einsum("bsd,vd->bsv", o_BxSxD, wte_VxD, preferred_element_type=jnp.float32)
+
+
+def _tied_lm_head_fwd(o_BxSxD, wte_VxD):
+    return _tied_lm_head(o_BxSxD, wte_VxD), (o_BxSxD, wte_VxD)
+
+
+def _tied_lm_head_bwd(residuals, g_BxSxV):
+    """The embedding gradient as (o^T g)^T: autodiff's g^T o makes XLA's CPU backend transpose
+    all of g ([B*S, V]) and run the product at half its GEMM rate."""
+    o_BxSxD, wte_VxD = residuals
+    g_BxSxV = g_BxSxV.astype(o_BxSxD.dtype)  # Cotangents in the operands' dtype, as autodiff's.
+    d_o = jnp.einsum("bsv,vd->bsd", g_BxSxV, wte_VxD)
+    return d_o, jnp.einsum("bsd,bsv->dv", o_BxSxD, g_BxSxV).T
+
+
+_tied_lm_head.defvjp(_tied_lm_head_fwd, _tied_lm_head_bwd)
+
+
 class Backpack(nn.Module):
     """The Backpack: a weighted sum of sense vectors, then the tied LM head."""
 
@@ -386,8 +408,7 @@ class Backpack(nn.Module):
                                  senses_BxKxTxD.astype(self.dtype),
                                  preferred_element_type=jnp.float32)
         wte_VxD = self.gpt2_model.wte.embedding
-        logits_BxSxV = jnp.einsum("bsd,vd->bsv", o_BxSxD.astype(self.dtype),
-                                  wte_VxD.astype(self.dtype), preferred_element_type=jnp.float32)
+        logits_BxSxV = _tied_lm_head(o_BxSxD.astype(self.dtype), wte_VxD.astype(self.dtype))
         out = BackpackOutput(
             logits=logits_BxSxV,
             contextualization=alpha_BxKxSxT if return_contextualization else None,

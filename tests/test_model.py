@@ -191,6 +191,16 @@ def test_dropout_drops_at_its_rate_and_is_unbiased(shape, rate):
     np.testing.assert_array_equal(model.Dropout(rate).apply({}, x, True), x)
 
 
+def test_tied_lm_head_gradients_equal_autodiff_of_the_product():
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
+    o, wte = jax.random.normal(k1, (2, 5, 8)), jax.random.normal(k2, (11, 8))
+    cotangent = jax.random.normal(k3, (2, 5, 11))
+    custom = jax.grad(lambda o, w: jnp.sum(model._tied_lm_head(o, w) * cotangent), (0, 1))
+    plain = jax.grad(lambda o, w: jnp.sum(jnp.einsum("bsd,vd->bsv", o, w) * cotangent), (0, 1))
+    for got, want in zip(custom(o, wte), plain(o, wte)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_bfloat16_compute_is_close_to_float32():
     config, _, params = _params("odd")
     ids = _ids(config, 2, 10)

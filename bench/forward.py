@@ -10,7 +10,7 @@ import torch
 from backpack_jax import model
 from backpack_jax.config import BackpackConfig
 from bench import flops
-from bench.timing import best_seconds, seconds
+from bench.timing import CALLS_PER_TURN, best_seconds, seconds
 
 
 def run(config: BackpackConfig, reference, params, batch: int, seq_len: int, repeats: int,
@@ -34,10 +34,11 @@ def run(config: BackpackConfig, reference, params, batch: int, seq_len: int, rep
     del out
     best_jax, best_ref = float("inf"), float("inf")
     for _ in range(repeats):
-        best_jax = min(best_jax, best_seconds(jax_fn, 1))
+        best_jax = min(best_jax, best_seconds(jax_fn, CALLS_PER_TURN))
         if with_reference:
             with torch.no_grad():
-                best_ref = min(best_ref, best_seconds(lambda: reference(ids_torch)[0], 1))
+                best_ref = min(best_ref, best_seconds(lambda: reference(ids_torch)[0],
+                                                        CALLS_PER_TURN))
     tokens = batch * seq_len
     result["jax_tokens_per_s"] = tokens / best_jax
     result["jax_gflops"] = tokens * flops.forward_flops_per_token(config, seq_len) / best_jax / 1e9

@@ -7,7 +7,7 @@ import torch
 
 from backpack_jax.config import BackpackConfig
 from bench import flops, reference as reference_lib
-from bench.timing import best_seconds, seconds
+from bench.timing import CALLS_PER_TURN, best_seconds, seconds
 from train import configs, optim, sharding, step as train_step
 
 
@@ -79,9 +79,10 @@ def run(name: str, batch: int, seq_len: int, repeats: int, with_reference: bool 
         torch_fn(inputs, targets)  # allocates the optimizer state
     best_jax = best_ref = float("inf")
     for _ in range(repeats):
-        best_jax = min(best_jax, best_seconds(one_jax_step, 1))
+        best_jax = min(best_jax, best_seconds(one_jax_step, CALLS_PER_TURN))
         if with_reference:
-            best_ref = min(best_ref, best_seconds(lambda: torch_fn(inputs, targets), 1))
+            best_ref = min(best_ref, best_seconds(lambda: torch_fn(inputs, targets),
+                                                  CALLS_PER_TURN))
     n = batch * seq_len
     result["jax_tokens_per_s"] = n / best_jax
     result["jax_step_s"] = best_jax

@@ -291,7 +291,7 @@ def generate(params: Params, config: BackpackConfig, prompt_ids: Any, max_new_to
     """
     sampling, pad_id, ids_BxP, lengths_B = _prepare(config, prompt_ids, max_new_tokens,
                                                     temperature, top_k, top_p, rng, eos_id)
-    B, P = ids_BxP.shape
+    P = ids_BxP.shape[1]
     tokens_BxN, produced, logits_BxNxV = _generate_loop(
         params, jnp.asarray(ids_BxP), jnp.asarray(P - lengths_B, jnp.int32), sense_edit,
         sampling, config=config, dtype=dtype, max_new_tokens=max_new_tokens,

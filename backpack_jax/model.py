@@ -131,10 +131,6 @@ class Dense(nn.Module):
         return (parts_GxRxO.sum(0) + bias_O).reshape(*x_NxI.shape[:-1], self.features)
 
 
-def _dense(features: int, std: float, dtype: Any, name: str | None = None) -> Dense:
-    return Dense(features, std, dtype, name=name)
-
-
 class Dropout(nn.Module):
     """Inverted dropout whose keep mask is drawn from 16-bit uniforms, two per random word.
 
@@ -184,9 +180,9 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         cfg = self.config
-        h = _dense(self.hidden, cfg.initializer_range, self.dtype, "c_fc")(x)
+        h = Dense(self.hidden, cfg.initializer_range, self.dtype, name="c_fc")(x)
         h = jax.nn.gelu(h, approximate=True)  # gelu_new is the tanh approximation.
-        h = _dense(self.out, _output_proj_std(cfg), self.dtype, "c_proj")(h)
+        h = Dense(self.out, _output_proj_std(cfg), self.dtype, name="c_proj")(h)
         return Dropout(cfg.resid_pdrop)(h, not train)
 
 
@@ -203,7 +199,7 @@ class Attention(nn.Module):
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         cfg = self.config
         B, S, D = x_BxSxD.shape
-        qkv = _dense(3 * D, cfg.initializer_range, self.dtype, "c_attn")(x_BxSxD)
+        qkv = Dense(3 * D, cfg.initializer_range, self.dtype, name="c_attn")(x_BxSxD)
         q_BHxSxE, k_BHxTxE, v_BHxTxE = (
             _fold(t.reshape(B, S, cfg.n_head, cfg.head_dim)) for t in jnp.split(qkv, 3, axis=-1))
         if kv is not None:
@@ -221,7 +217,7 @@ class Attention(nn.Module):
         probs_BxHxSxT = Dropout(cfg.attn_pdrop)(probs_BxHxSxT, not train)
         out_BxHxSxE = _mix(probs_BxHxSxT, v_BHxTxE, self.dtype).astype(self.dtype)
         out_BxSxD = out_BxHxSxE.transpose(0, 2, 1, 3).reshape(B, S, D)
-        out = _dense(D, _output_proj_std(cfg), self.dtype, "c_proj")(out_BxSxD)
+        out = Dense(D, _output_proj_std(cfg), self.dtype, name="c_proj")(out_BxSxD)
         return Dropout(cfg.resid_pdrop)(out, not train), kv
 
 
@@ -322,7 +318,7 @@ class WeightNetwork(nn.Module):
         """Queries and keys, [B*K, S, E] each."""
         cfg = self.config
         B, S, _ = h_BxSxD.shape
-        qk = _dense(2 * cfg.n_embd, cfg.initializer_range, self.dtype, "c_attn")(h_BxSxD)
+        qk = Dense(2 * cfg.n_embd, cfg.initializer_range, self.dtype, name="c_attn")(h_BxSxD)
         # Output index = (query|key) * D + sense * E + feature.
         qk_BxSx2xKxE = qk.reshape(B, S, 2, cfg.num_senses, cfg.sense_head_dim)
         return _fold(qk_BxSx2xKxE[:, :, 0]), _fold(qk_BxSx2xKxE[:, :, 1])

@@ -69,7 +69,7 @@ def run(config: BackpackConfig, reference, params, prompt_len: int, new_tokens: 
     start = time.perf_counter()
     jax_tokens = generate.generate(params, config, prompt, new_tokens, **jax_options).new_tokens
     result = {"prompt_len": prompt_len, "new_tokens": new_tokens,
-              "first_run_s": time.perf_counter() - start}  # compiles prefill and decode step
+              "first_run_s": time.perf_counter() - start}  # compiles generate's loop
     jax_latencies(params, config, prompt, new_tokens, **jax_options)  # compiles the stream step
     runs = [jax_latencies(params, config, prompt, new_tokens, **jax_options)
             for _ in range(repeats)]

@@ -158,6 +158,39 @@ class Dropout(nn.Module):
         return jnp.where(levels >= dropped_levels, x / keep_prob, 0.0).astype(x.dtype)
 
 
+def _cpu_materialize(x: jax.Array) -> jax.Array:
+    """The identity, as a conditional XLA's CPU fusion cannot look through.
+
+    Both branches return x; they differ only in form, so XLA keeps the conditional, and x is
+    computed once into a buffer instead of being recomputed inside every fusion that reads it.
+    """
+    first = x.ravel()[0]
+    return jax.lax.cond(first == first, lambda t: t, lambda t: t * 1.0, x)
+
+
+@jax.custom_vjp
+def _residual_boundary(x_BxSxD: jax.Array) -> jax.Array:
+    """The identity on a block's residual input, whose cotangent is materialised on CPU.
+
+    The residual stream's cotangent is a chain of adds through every later block. XLA's CPU
+    fusion duplicates that chain into each block's weight-gradient transposes, so the
+    backward's elementwise work grew with the square of the depth (a third of a gpt2_micro
+    training step, BENCHMARKS.md). Other backends fuse it once and get the identity.
+    """
+    return x_BxSxD
+
+
+def _residual_boundary_fwd(x_BxSxD):
+    return x_BxSxD, None
+
+
+def _residual_boundary_bwd(_, g_BxSxD):
+    return (jax.lax.platform_dependent(g_BxSxD, cpu=_cpu_materialize, default=lambda t: t),)
+
+
+_residual_boundary.defvjp(_residual_boundary_fwd, _residual_boundary_bwd)
+
+
 def _output_proj_std(config: BackpackConfig) -> float:
     """Init std of each residual-branch output projection (every MLP's c_proj, attn.c_proj)."""
     return config.initializer_range / math.sqrt(2 * config.n_layer)
@@ -231,6 +264,7 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x_BxSxD, attend_BxSxT, train, kv, cache_index):
         cfg = self.config
+        x_BxSxD = _residual_boundary(x_BxSxD)
         h = _layer_norm(cfg, "ln_1")(x_BxSxD).astype(self.dtype)
         a, kv = Attention(cfg, self.layer_idx, self.dtype, name="attn")(
             h, attend_BxSxT, train, kv, cache_index)

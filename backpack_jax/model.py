@@ -158,24 +158,28 @@ class Dropout(nn.Module):
         return jnp.where(levels >= dropped_levels, x / keep_prob, 0.0).astype(x.dtype)
 
 
-def _cpu_materialize(x: jax.Array) -> jax.Array:
-    """The identity, as a conditional XLA's CPU fusion cannot look through.
-
-    Both branches return x; they differ only in form, so XLA keeps the conditional, and x is
-    computed once into a buffer instead of being recomputed inside every fusion that reads it.
-    """
+def _cond_identity(x: jax.Array) -> jax.Array:
+    """The identity as a conditional, which XLA's CPU fusion cannot look through: both branches
+    return x but differ in form, so XLA keeps the conditional and x is computed once into a
+    buffer instead of being recomputed inside every fusion that reads it."""
     first = x.ravel()[0]
     return jax.lax.cond(first == first, lambda t: t, lambda t: t * 1.0, x)
 
 
+def _materialize_on_cpu(x: jax.Array) -> jax.Array:
+    """x, computed into its own buffer on CPU; the plain identity elsewhere (a GPU conditional
+    would sync with the host)."""
+    return jax.lax.platform_dependent(x, cpu=_cond_identity, default=lambda t: t)
+
+
 @jax.custom_vjp
 def _residual_boundary(x_BxSxD: jax.Array) -> jax.Array:
-    """The identity on a block's residual input, whose cotangent is materialised on CPU.
+    """The identity on the residual stream, whose cotangent is materialised on CPU.
 
-    The residual stream's cotangent is a chain of adds through every later block. XLA's CPU
-    fusion duplicates that chain into each block's weight-gradient transposes, so the
-    backward's elementwise work grew with the square of the depth (a third of a gpt2_micro
-    training step, BENCHMARKS.md). Other backends fuse it once and get the identity.
+    The residual stream's cotangent is a chain of adds and LayerNorm gradients through every
+    later block. XLA's CPU fusion duplicated that chain into each weight-gradient transpose,
+    so the backward's elementwise work grew with the square of the depth (10% of a gpt2_micro
+    training step, BENCHMARKS.md). Placed before each LayerNorm of a block.
     """
     return x_BxSxD
 
@@ -185,7 +189,7 @@ def _residual_boundary_fwd(x_BxSxD):
 
 
 def _residual_boundary_bwd(_, g_BxSxD):
-    return (jax.lax.platform_dependent(g_BxSxD, cpu=_cpu_materialize, default=lambda t: t),)
+    return (_materialize_on_cpu(g_BxSxD),)
 
 
 _residual_boundary.defvjp(_residual_boundary_fwd, _residual_boundary_bwd)
@@ -269,6 +273,7 @@ class Block(nn.Module):
         a, kv = Attention(cfg, self.layer_idx, self.dtype, name="attn")(
             h, attend_BxSxT, train, kv, cache_index)
         x_BxSxD = x_BxSxD + a
+        x_BxSxD = _residual_boundary(x_BxSxD)
         h = _layer_norm(cfg, "ln_2")(x_BxSxD).astype(self.dtype)
         x_BxSxD = x_BxSxD + MLP(cfg, cfg.inner_dim, cfg.n_embd, self.dtype, name="mlp")(h, train)
         return x_BxSxD, kv
@@ -434,6 +439,10 @@ class Backpack(nn.Module):
             # which reads the cache buffer as it is (see DecodeCache).
             o_BxSxD = jnp.sum(_mix(alpha_BxKxSxT, senses_BKxTxD, self.dtype), axis=1)
         else:  # One product over senses and positions together: faster for long inputs.
+            if cache is None:  # Materialised, the layout change for its gradient is a cheap
+                # copy; fused with the sense network's bias and dropout it took 200 ms of a
+                # gpt2_micro training step.
+                senses_BxKxTxD = _materialize_on_cpu(senses_BxKxTxD)
             o_BxSxD = jnp.einsum("bkst,bktd->bsd", alpha_BxKxSxT.astype(self.dtype),
                                  senses_BxKxTxD.astype(self.dtype),
                                  preferred_element_type=jnp.float32)

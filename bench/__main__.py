@@ -25,9 +25,12 @@ def cpu_part(name: str, quick: bool, new_tokens: int | None = None) -> dict:
                 "run": training.run("gpt2_micro", 4, 512, repeats=2 if quick else 4)}
     config = get_config("backpack_gpt2")
     ref, params = reference.reference_and_params(config)
+    repeats = 1 if quick else 4
     if name == "forward":
-        return {"config": "backpack_gpt2", "runs": [
-            forward.run(config, ref, params, b, 512, repeats=1 if quick else 4) for b in (1, 8)]}
+        runs = [forward.run(config, ref, params, b, 512, repeats) for b in (1, 8)]
+        table = sense_table.build(params, config)
+        runs.append(forward.run(config, ref, params, 1, 512, repeats, table=table))
+        return {"config": "backpack_gpt2", "runs": runs}
     new = new_tokens or (64 if quick else 256)
     runs = {"cached": generation.run(config, ref, params, 32, new)}
     build_s, table = timing.seconds(lambda: sense_table.build(params, config))

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 from backpack_jax import checkpoint, model
 from backpack_jax.config import BackpackConfig
-from train.metrics import train_flops_per_token
+from train.metrics import sense_network_macs_per_token, train_flops_per_token
 
 FLOAT32_BYTES = 4
 
 
-def forward_flops_per_token(config: BackpackConfig, seq_len: int) -> float:
+def forward_flops_per_token(config: BackpackConfig, seq_len: int,
+                            sense_table: bool = False) -> float:
     """One token of a length-`seq_len` forward pass, logits included (about 0.37 GFLOP for
-    Backpack-Small at 512): the training count is forward + backward = 3 x forward."""
-    return train_flops_per_token(config, seq_len) / 3
+    Backpack-Small at 512): the training count is forward + backward = 3 x forward. A sense
+    table replaces the sense network's products by a lookup."""
+    saved = 2 * sense_network_macs_per_token(config) if sense_table else 0
+    return train_flops_per_token(config, seq_len) / 3 - saved
 
 
 def param_count(config: BackpackConfig) -> dict[str, int]:

@@ -9,22 +9,25 @@ import torch
 
 from backpack_jax import model
 from backpack_jax.config import BackpackConfig
+from backpack_jax.sense_table import SenseTable
 from bench import flops
 from bench.timing import CALLS_PER_TURN, best_seconds, seconds
 
 
 def run(config: BackpackConfig, reference, params, batch: int, seq_len: int, repeats: int,
-        with_reference: bool = True) -> dict:
+        with_reference: bool = True, table: SenseTable | None = None) -> dict:
     """tokens/s of `model.apply` (fp32 logits) and of the reference's forward, best of `repeats`.
 
     The two are timed in alternation so that interference from other work hits both alike.
+    With `table` the project looks its senses up instead of running the sense network.
     """
     ids = np.random.default_rng(batch).integers(0, config.vocab_size, (batch, seq_len),
                                                 dtype=np.int32)
     ids_jax, ids_torch = jnp.asarray(ids), torch.from_numpy(ids.astype(np.int64))
-    compile_s, out = seconds(lambda: model.apply(params, ids_jax, config).logits)
-    result = {"batch": batch, "seq_len": seq_len, "compile_s": compile_s}
-    jax_fn = lambda: model.apply(params, ids_jax, config).logits
+    jax_fn = lambda: model.apply(params, ids_jax, config, sense_edit=table).logits
+    compile_s, out = seconds(jax_fn)
+    result = {"batch": batch, "seq_len": seq_len, "compile_s": compile_s,
+              "sense_table": table is not None}
     if with_reference:
         with torch.no_grad():
             ref_logits = reference(ids_torch)[0].numpy()
@@ -41,7 +44,8 @@ def run(config: BackpackConfig, reference, params, batch: int, seq_len: int, rep
                                                         CALLS_PER_TURN))
     tokens = batch * seq_len
     result["jax_tokens_per_s"] = tokens / best_jax
-    result["jax_gflops"] = tokens * flops.forward_flops_per_token(config, seq_len) / best_jax / 1e9
+    result["jax_gflops"] = tokens * flops.forward_flops_per_token(
+        config, seq_len, table is not None) / best_jax / 1e9
     if with_reference:
         result["ref_tokens_per_s"] = tokens / best_ref
         result["speedup"] = best_ref / best_jax

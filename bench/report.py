@@ -29,12 +29,14 @@ def forward_rows(results: dict, machine: dict) -> list[str]:
     config = get_config(results["config"])
     rows = []
     for r in results["runs"]:
-        bound = gemm_bound_gflops(machine) * 1e9 / flops.forward_flops_per_token(config,
-                                                                                 r["seq_len"])
+        table = r.get("sense_table", False)
+        bound = gemm_bound_gflops(machine) * 1e9 / flops.forward_flops_per_token(
+            config, r["seq_len"], table)
         frac = r["jax_tokens_per_s"] / bound
         ratio = r.get("speedup")
         ok = None if ratio is None else (ratio >= 1.0 and frac >= 0.9)
-        rows.append(_row([f"forward B={r['batch']} S={r['seq_len']} fp32",
+        rows.append(_row([f"forward B={r['batch']} S={r['seq_len']} fp32"
+                          + (", sense table" if table else ""),
                           _f(r["jax_tokens_per_s"]), _f(r.get("ref_tokens_per_s")),
                           _f(ratio, 2) + ("x" if ratio else ""), _f(bound),
                           f"{100 * frac:.0f}%", ">= ref, >= 90%", _mark(ok)]))
@@ -109,7 +111,8 @@ def markdown(results: dict) -> str:
         lines += [""] + latency_table(results["generation"])
     compiles = []
     for r in results.get("forward", {}).get("runs", []):
-        compiles.append(f"forward B={r['batch']} {r['compile_s']:.1f} s")
+        table = " (sense table)" if r.get("sense_table") else ""
+        compiles.append(f"forward B={r['batch']}{table} {r['compile_s']:.1f} s")
     for label, r in results.get("generation", {}).get("runs", {}).items():
         compiles.append(f"generation ({label}) first call {r['first_run_s']:.1f} s")
         if "table_build_s" in r:
@@ -121,7 +124,8 @@ def markdown(results: dict) -> str:
         lines += ["", "Compile / first-call times (not in the rates above): "
                   + "; ".join(compiles) + "."]
     if "forward" in results:
-        diffs = [f"B={r['batch']}: {r['max_rel_diff']:.1e}" for r in results["forward"]["runs"]
+        diffs = [f"B={r['batch']}{' (sense table)' if r.get('sense_table') else ''}: "
+                 f"{r['max_rel_diff']:.1e}" for r in results["forward"]["runs"]
                  if "max_rel_diff" in r]
         if diffs:
             lines.append("Forward logits vs reference, max |diff| / max |logit|: "

@@ -13,7 +13,8 @@ from backpack_jax import checkpoint, model
 from backpack_jax.config import get_config as model_preset
 from train import configs, optim, sharding
 from train.loss import cross_entropy
-from train.metrics import MetricsLog, peak_flops_per_device, read_metrics, train_flops_per_token
+from train.metrics import (MetricsLog, peak_flops_per_device, read_metrics,
+                           sense_network_macs_per_token, train_flops_per_token)
 from train.step import accumulation
 
 FLAGS = ("workdir", "init_from")
@@ -203,6 +204,16 @@ def test_flops_per_token_of_backpack_small():
     # /work/shared/BACKPACK.md: about 1.11 GFLOP per training token at sequence length 512.
     flops = train_flops_per_token(model_preset("backpack_gpt2"), 512)
     assert flops == pytest.approx(1.11e9, rel=0.01)
+
+
+@pytest.mark.parametrize("preset", ["backpack_gpt2", "tiny"])
+def test_sense_network_macs_are_its_kernels(preset):
+    """What a sense table saves per token: one multiply-add per sense-network kernel weight."""
+    config = model_preset(preset)
+    tree = checkpoint.abstract_params(config)["backpack"]["sense_network"]
+    kernels = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+               if path[-1].key == "kernel"]
+    assert sense_network_macs_per_token(config) == sum(math.prod(k.shape) for k in kernels)
 
 
 def test_peak_flops_table_and_override():

@@ -40,6 +40,12 @@ def peak_flops_per_device(device_kind: str, override: float | None = None) -> fl
     return None
 
 
+def sense_network_macs_per_token(config: BackpackConfig) -> int:
+    """Multiply-adds of the sense network for one token (what a sense table saves)."""
+    d, scale = config.n_embd, config.sense_intermediate_scale
+    return 2 * d * 4 * d + d * scale * d + scale * d * config.num_senses * d
+
+
 def train_flops_per_token(config: BackpackConfig, seq_len: int) -> float:
     """Model FLOPs of one training token (forward + backward = 3 x forward), no remat.
 
@@ -50,9 +56,8 @@ def train_flops_per_token(config: BackpackConfig, seq_len: int) -> float:
     """
     d, k = config.n_embd, config.num_senses
     block = d * 3 * d + d * d + 2 * d * config.inner_dim
-    senses = 2 * d * 4 * d + d * config.sense_intermediate_scale * d + (
-        config.sense_intermediate_scale * d * k * d)
-    linear = config.n_layer * block + senses + d * 2 * d + config.vocab_size * d
+    linear = (config.n_layer * block + sense_network_macs_per_token(config) + d * 2 * d
+              + config.vocab_size * d)
     attention = config.n_layer * 2 * seq_len * d  # q.k and probs.v
     backpack = seq_len * d + k * seq_len * d  # weight-network scores, alpha @ senses
     return 3 * 2 * (linear + attention + backpack)

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import flax
 import flax.linen as nn
 import jax
+import jax.extend.random
 import jax.numpy as jnp
 import numpy as np
 
@@ -131,14 +132,48 @@ class Dense(nn.Module):
         return (parts_GxRxO.sum(0) + bias_O).reshape(*x_NxI.shape[:-1], self.features)
 
 
+def _flat_index(shape: tuple[int, ...]) -> jax.Array:
+    """Row-major element numbers of `shape` as uint32, built from per-axis iotas so that XLA's
+    SPMD partitioner keeps it sharded (each device numbers its own elements)."""
+    index = jnp.zeros(shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(len(shape))):
+        index += jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
+        stride *= shape[axis]
+    return index
+
+
+def _uniform_levels(rng: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Independent uniform integers in [0, 2^16) of `shape` (uint32), as cheaply as possible.
+
+    A threefry2x32 block yields two 32-bit words, i.e. four 16-bit levels; `jax.random.bits`
+    spends a whole block per element (it xors the two words). With a threefry key and a last
+    axis divisible by 4 the block is called directly, one per four elements; otherwise each
+    32-bit word of `jax.random.bits` gives two levels (even last axis) or one.
+    """
+    *lead, last = shape
+    blocks = (*lead, last // 4)
+    if (last % 4 == 0 and math.prod(blocks) < 2 ** 32
+            and str(jax.random.key_impl(rng)) == "threefry2x32"):
+        k1, k2 = jax.random.key_data(rng)
+        words = jax.extend.random.threefry2x32_p.bind(
+            k1, k2, jnp.zeros(blocks, jnp.uint32), _flat_index(blocks))
+        words = jnp.stack(words, axis=-1)  # [..., last / 4, 2]
+    elif last % 2 == 0:
+        words = jax.random.bits(rng, (*lead, last // 2), jnp.uint32)
+    else:
+        return jax.random.bits(rng, shape, jnp.uint32) >> 16
+    return jnp.stack([words & 0xFFFF, words >> 16], axis=-1).reshape(shape)
+
+
 class Dropout(nn.Module):
-    """Inverted dropout whose keep mask is drawn from 16-bit uniforms, two per random word.
+    """Inverted dropout whose keep mask is drawn from 16-bit uniforms, four per threefry block.
 
     JAX's sharding-invariant threefry spends a whole block on each element of the requested
     shape whatever its bit width, and those random bits were the costliest elementwise work of a
-    CPU training step; one 32-bit word for each pair of neighbours halves them. The keep
-    probability is rounded to a multiple of 2^-16 (0.9 -> 0.899994) and kept values are scaled
-    by its exact inverse, so the layer stays unbiased. Odd last axes draw a word per element.
+    CPU training step; `_uniform_levels` quarters them. The keep probability is rounded to a
+    multiple of 2^-16 (0.9 -> 0.899994) and kept values are scaled by its exact inverse, so the
+    layer stays unbiased.
     """
 
     rate: float
@@ -149,12 +184,7 @@ class Dropout(nn.Module):
             return x
         dropped_levels = min(round(self.rate * 2 ** 16), 2 ** 16 - 1)  # keeps keep_prob > 0
         keep_prob = 1.0 - dropped_levels / 2 ** 16
-        rng, *lead, last = self.make_rng("dropout"), *x.shape
-        if last % 2:
-            levels = jax.random.bits(rng, x.shape, jnp.uint32) >> 16
-        else:
-            words = jax.random.bits(rng, (*lead, last // 2), jnp.uint32)
-            levels = jnp.stack([words & 0xFFFF, words >> 16], axis=-1).reshape(x.shape)
+        levels = _uniform_levels(self.make_rng("dropout"), x.shape)
         return jnp.where(levels >= dropped_levels, x / keep_prob, 0.0).astype(x.dtype)
 
 

@@ -5,6 +5,7 @@ read back with `load_hf`, so names, transposes and aliases are checked on the wa
 """
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -174,7 +175,8 @@ def test_each_dropout_site_acts_alone_and_zero_rate_is_eval(site):
     assert not np.allclose(_logits(params, ids, one, train=True, rng=key), eval_logits)
 
 
-@pytest.mark.parametrize("shape", [(4, 64, 2048), (3, 1001)])  # even / odd last axis
+# Last axis a multiple of 4 (one threefry block per 4 elements), only of 2, odd.
+@pytest.mark.parametrize("shape", [(4, 64, 2048), (512, 1026), (3, 1001)])
 @pytest.mark.parametrize("rate", [0.1, 0.3])
 def test_dropout_drops_at_its_rate_and_is_unbiased(shape, rate):
     x = jnp.ones(shape, jnp.float32)
@@ -185,10 +187,11 @@ def test_dropout_drops_at_its_rate_and_is_unbiased(shape, rate):
     n = y.size  # the dropped fraction is within 4 binomial standard deviations of the rate
     assert abs((~kept).mean() - rate) < 4 * np.sqrt(rate * (1 - rate) / n)
     assert abs(y.mean() - 1) < 4 * np.sqrt(rate / (1 - rate) / n)
-    if shape[-1] % 2 == 0:  # The two halves of each random word drop independently.
-        pairs = (~kept).reshape(-1, 2)
-        both = (pairs[:, 0] & pairs[:, 1]).mean()
-        assert abs(both - rate ** 2) < 4 * np.sqrt(rate ** 2 / pairs.shape[0])
+    group = 4 if shape[-1] % 4 == 0 else 2 if shape[-1] % 2 == 0 else 1
+    dropped = (~kept).reshape(-1, group)  # The levels cut from one block or word drop
+    for i, j in itertools.combinations(range(group), 2):  # independently of each other.
+        both = (dropped[:, i] & dropped[:, j]).mean()
+        assert abs(both - rate ** 2) < 4 * np.sqrt(rate ** 2 / dropped.shape[0]), (i, j)
     np.testing.assert_array_equal(model.Dropout(rate).apply({}, x, True), x)
 
 

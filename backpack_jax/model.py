@@ -143,13 +143,15 @@ def _flat_index(shape: tuple[int, ...]) -> jax.Array:
     return index
 
 
-def _uniform_levels(rng: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """Independent uniform integers in [0, 2^16) of `shape` (uint32), as cheaply as possible.
+def _keep_mask(rng: jax.Array, shape: tuple[int, ...], dropped_levels: int) -> jax.Array:
+    """Boolean mask of `shape`: each element is kept when its uniform 16-bit level (an
+    integer in [0, 2^16)) is at least `dropped_levels`, independently of all others.
 
     A threefry2x32 block yields two 32-bit words, i.e. four 16-bit levels; `jax.random.bits`
     spends a whole block per element (it xors the two words). With a threefry key and a last
     axis divisible by 4 the block is called directly, one per four elements; otherwise each
-    32-bit word of `jax.random.bits` gives two levels (even last axis) or one.
+    32-bit word of `jax.random.bits` gives two levels (even last axis) or one. The mask is
+    formed before the levels are interleaved, so XLA keeps one byte per element, not four.
     """
     *lead, last = shape
     blocks = (*lead, last // 4)
@@ -162,8 +164,9 @@ def _uniform_levels(rng: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     elif last % 2 == 0:
         words = jax.random.bits(rng, (*lead, last // 2), jnp.uint32)
     else:
-        return jax.random.bits(rng, shape, jnp.uint32) >> 16
-    return jnp.stack([words & 0xFFFF, words >> 16], axis=-1).reshape(shape)
+        return (jax.random.bits(rng, shape, jnp.uint32) >> 16) >= dropped_levels
+    keep = [(words & 0xFFFF) >= dropped_levels, (words >> 16) >= dropped_levels]
+    return jnp.stack(keep, axis=-1).reshape(shape)
 
 
 class Dropout(nn.Module):
@@ -171,7 +174,7 @@ class Dropout(nn.Module):
 
     JAX's sharding-invariant threefry spends a whole block on each element of the requested
     shape whatever its bit width, and those random bits were the costliest elementwise work of a
-    CPU training step; `_uniform_levels` quarters them. The keep probability is rounded to a
+    CPU training step; `_keep_mask` quarters them. The keep probability is rounded to a
     multiple of 2^-16 (0.9 -> 0.899994) and kept values are scaled by its exact inverse, so the
     layer stays unbiased.
     """
@@ -184,8 +187,8 @@ class Dropout(nn.Module):
             return x
         dropped_levels = min(round(self.rate * 2 ** 16), 2 ** 16 - 1)  # keeps keep_prob > 0
         keep_prob = 1.0 - dropped_levels / 2 ** 16
-        levels = _uniform_levels(self.make_rng("dropout"), x.shape)
-        return jnp.where(levels >= dropped_levels, x / keep_prob, 0.0).astype(x.dtype)
+        keep = _keep_mask(self.make_rng("dropout"), x.shape, dropped_levels)
+        return jnp.where(keep, x / keep_prob, 0.0).astype(x.dtype)
 
 
 def _cond_identity(x: jax.Array) -> jax.Array:

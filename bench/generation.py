@@ -16,6 +16,8 @@ from backpack_jax import generate
 from backpack_jax.config import BackpackConfig
 from bench.timing import best_seconds
 
+MIDDLE_POSITION = 128  # Latency is reported near the prompt's end, here and the last position.
+
 
 def _latencies(steps: Iterator) -> list[float]:
     """Seconds from the start to each new token (each step syncs on its token)."""
@@ -65,7 +67,9 @@ def run(config: BackpackConfig, reference, params, prompt_len: int, new_tokens: 
         with_reference: bool = True, repeats: int = 2, **jax_options) -> dict:
     prompt = np.random.default_rng(0).integers(0, config.vocab_size, (1, prompt_len),
                                                dtype=np.int32)
-    near = (prompt_len, (prompt_len + new_tokens) // 2, prompt_len + new_tokens)
+    end = prompt_len + new_tokens
+    middle = MIDDLE_POSITION if prompt_len < MIDDLE_POSITION < end else (prompt_len + end) // 2
+    near = (prompt_len, middle, end)
     start = time.perf_counter()
     jax_tokens = generate.generate(params, config, prompt, new_tokens, **jax_options).new_tokens
     result = {"prompt_len": prompt_len, "new_tokens": new_tokens,

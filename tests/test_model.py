@@ -175,12 +175,15 @@ def test_each_dropout_site_acts_alone_and_zero_rate_is_eval(site):
     assert not np.allclose(_logits(params, ids, one, train=True, rng=key), eval_logits)
 
 
-# Last axis a multiple of 4 (one threefry block per 4 elements), only of 2, odd.
-@pytest.mark.parametrize("shape", [(4, 64, 2048), (512, 1026), (3, 1001)])
+# Last axis a multiple of 4 (one threefry block per 4 elements), only of 2, odd; a key of
+# another PRNG implementation always takes jax.random.bits.
+@pytest.mark.parametrize("shape, impl", [((4, 64, 2048), None), ((512, 1026), None),
+                                         ((3, 1001), None), ((64, 2048), "rbg")])
 @pytest.mark.parametrize("rate", [0.1, 0.3])
-def test_dropout_drops_at_its_rate_and_is_unbiased(shape, rate):
+def test_dropout_drops_at_its_rate_and_is_unbiased(shape, impl, rate):
     x = jnp.ones(shape, jnp.float32)
-    y = np.asarray(model.Dropout(rate).apply({}, x, False, rngs={"dropout": jax.random.PRNGKey(0)}))
+    key = jax.random.PRNGKey(0) if impl is None else jax.random.key(0, impl=impl)
+    y = np.asarray(model.Dropout(rate).apply({}, x, False, rngs={"dropout": key}))
     keep_prob = 1 - round(rate * 2 ** 16) / 2 ** 16
     kept = y != 0
     np.testing.assert_allclose(y[kept], 1 / keep_prob, rtol=1e-6)

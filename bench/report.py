@@ -133,7 +133,7 @@ def markdown(results: dict) -> str:
     if "gpu" in results:
         g = results["gpu"]
         t = g["training"]
-        lines += ["", f"GPU ({g['device']}): gpt2_small train {t['batch']}x{t['seq_len']} bf16: "
+        lines += ["", f"GPU ({g['device']}): {t['config']} train {t['batch']}x{t['seq_len']} bf16: "
                   f"{_f(t['jax_tokens_per_s'], 0)} tokens/s, MFU "
                   f"{_f(100 * t['mfu'] if t.get('mfu') else None)}%, peak memory "
                   f"{_f(t.get('peak_memory_gib'))} GiB; forward "

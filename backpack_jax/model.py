@@ -211,7 +211,7 @@ def _residual_boundary(x_BxSxD: jax.Array) -> jax.Array:
 
     The residual stream's cotangent is a chain of adds and LayerNorm gradients through every
     later block. XLA's CPU fusion duplicated that chain into each weight-gradient transpose,
-    so the backward's elementwise work grew with the square of the depth (10% of a gpt2_micro
+    so the backward's elementwise work grew with the square of the depth (12% of a gpt2_micro
     training step, BENCHMARKS.md). Placed before each LayerNorm of a block.
     """
     return x_BxSxD

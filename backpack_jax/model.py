@@ -553,17 +553,56 @@ def validate_token_ids(input_ids: Any, config: BackpackConfig, what: str = "inpu
                              f"{int(bad.sum())} id(s) out of range in total")
 
 
+# An inference forward on CPU runs its batch this many tokens (whole rows) at a time.
+CPU_TOKENS_PER_CHUNK = 512
+
+
+def _rows_per_chunk(batch: int, seq_len: int) -> int:
+    """The largest divisor of `batch` whose rows hold at most CPU_TOKENS_PER_CHUNK tokens (>= 1)."""
+    limit = max(1, CPU_TOKENS_PER_CHUNK // seq_len)
+    return max(n for n in range(1, min(batch, limit) + 1) if batch % n == 0)
+
+
+def _in_row_chunks(forward, batch: int, seq_len: int):
+    """`forward` over the batch in chunks of whole rows, one after another (`lax.map`).
+
+    XLA's CPU GEMMs run one sequence's [512, K] x [K, N] products at 300-370 GFLOP/s but a
+    batch's [B*512, K] ones at 250-280, and fuse LayerNorms into the larger products, which
+    then run slower still: a backpack-gpt2 forward at B=8, S=512 went from 600-650 to 790-820
+    tokens/s (BENCHMARKS.md). Same arithmetic, row by row.
+    """
+    rows = _rows_per_chunk(batch, seq_len)
+    if rows == batch:
+        return forward
+    chunks = batch // rows
+
+    def chunked(*xs_B):
+        split = lambda x: None if x is None else x.reshape(chunks, rows, *x.shape[1:])
+        out = jax.lax.map(lambda xs: forward(*xs), tuple(split(x) for x in xs_B))
+        return jax.tree.map(lambda y: y.reshape(batch, *y.shape[2:]), out)
+    return chunked
+
+
 @functools.partial(jax.jit, static_argnames=("config", "train", "return_contextualization",
                                              "return_senses", "dtype"))
 def _apply(params, input_ids, position_ids, rng, sense_edit, contextualization, *, config,
            train, return_contextualization, return_senses, dtype):
     rngs = {"dropout": rng} if train else {}
-    out, _ = BackpackLM(config, dtype).apply(
-        {"params": params}, input_ids, position_ids, causal_mask(input_ids.shape[1]),
-        train=train, sense_edit=sense_edit, contextualization_BxKxSxT=contextualization,
-        return_contextualization=return_contextualization, return_senses=return_senses,
-        rngs=rngs)
-    return out
+
+    def forward(input_ids_BxS, position_ids_BxS, contextualization_BxKxSxS):
+        out, _ = BackpackLM(config, dtype).apply(
+            {"params": params}, input_ids_BxS, position_ids_BxS,
+            causal_mask(input_ids_BxS.shape[1]), train=train, sense_edit=sense_edit,
+            contextualization_BxKxSxT=contextualization_BxKxSxS,
+            return_contextualization=return_contextualization, return_senses=return_senses,
+            rngs=rngs)
+        return out
+
+    if train:  # Dropout masks are drawn for the whole batch; chunks would draw other ones.
+        return forward(input_ids, position_ids, contextualization)
+    return jax.lax.platform_dependent(
+        input_ids, position_ids, contextualization,
+        cpu=_in_row_chunks(forward, *input_ids.shape), default=forward)
 
 
 def apply(params: Params, input_ids: jax.Array, config: BackpackConfig, *,

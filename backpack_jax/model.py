@@ -566,9 +566,9 @@ def _rows_per_chunk(batch: int, seq_len: int) -> int:
 def _in_row_chunks(forward, batch: int, seq_len: int):
     """`forward` over the batch in chunks of whole rows, one after another (`lax.map`).
 
-    XLA's CPU GEMMs run one sequence's [512, K] x [K, N] products at 300-370 GFLOP/s but a
-    batch's [B*512, K] ones at 250-280, and fuse LayerNorms into the larger products, which
-    then run slower still: a backpack-gpt2 forward at B=8, S=512 went from 600-650 to 790-820
+    XLA's CPU GEMMs run one sequence's [512, K] x [K, N] products at 320-380 GFLOP/s but a
+    batch's [B*512, K] ones at 230-280, and fuse LayerNorms into the larger products, which
+    then run slower still: a backpack-gpt2 forward at B=8, S=512 went from 600-652 to 787-918
     tokens/s (BENCHMARKS.md). Same arithmetic, row by row.
     """
     rows = _rows_per_chunk(batch, seq_len)

@@ -558,13 +558,13 @@ CPU_TOKENS_PER_CHUNK = 512
 
 
 def _rows_per_chunk(batch: int, seq_len: int) -> int:
-    """The largest divisor of `batch` whose rows hold at most CPU_TOKENS_PER_CHUNK tokens (>= 1)."""
-    limit = max(1, CPU_TOKENS_PER_CHUNK // seq_len)
-    return max(n for n in range(1, min(batch, limit) + 1) if batch % n == 0)
+    """Whole rows holding at most CPU_TOKENS_PER_CHUNK tokens (at least one row)."""
+    return min(batch, max(1, CPU_TOKENS_PER_CHUNK // seq_len))
 
 
 def _in_row_chunks(forward, batch: int, seq_len: int):
-    """`forward` over the batch in chunks of whole rows, one after another (`lax.map`).
+    """`forward` over the batch in chunks of whole rows, one after another (`lax.map`); rows
+    that do not fill a last chunk run in one more call.
 
     XLA's CPU GEMMs run one sequence's [512, K] x [K, N] products at 320-380 GFLOP/s but a
     batch's [B*512, K] ones at 230-280, and fuse LayerNorms into the larger products, which
@@ -574,12 +574,17 @@ def _in_row_chunks(forward, batch: int, seq_len: int):
     rows = _rows_per_chunk(batch, seq_len)
     if rows == batch:
         return forward
-    chunks = batch // rows
+    chunks, rest = divmod(batch, rows)
+    whole = chunks * rows
 
     def chunked(*xs_B):
-        split = lambda x: None if x is None else x.reshape(chunks, rows, *x.shape[1:])
+        split = lambda x: None if x is None else x[:whole].reshape(chunks, rows, *x.shape[1:])
         out = jax.lax.map(lambda xs: forward(*xs), tuple(split(x) for x in xs_B))
-        return jax.tree.map(lambda y: y.reshape(batch, *y.shape[2:]), out)
+        out = jax.tree.map(lambda y: y.reshape(whole, *y.shape[2:]), out)
+        if rest:
+            tail = forward(*(None if x is None else x[whole:] for x in xs_B))
+            out = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), out, tail)
+        return out
     return chunked
 
 

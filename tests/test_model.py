@@ -131,25 +131,27 @@ def test_custom_contextualization_matches_reference():
 
 
 @pytest.mark.parametrize("batch, seq, tokens, rows", [(8, 512, 512, 1), (6, 4, 10, 2),
-                                                      (7, 64, 512, 7), (16, 64, 512, 8)])
+                                                      (7, 64, 512, 7), (16, 64, 512, 8),
+                                                      (997, 1, 512, 512), (3, 600, 512, 1)])
 def test_rows_per_chunk(batch, seq, tokens, rows, monkeypatch):
     monkeypatch.setattr(model, "CPU_TOKENS_PER_CHUNK", tokens)
     assert model._rows_per_chunk(batch, seq) == rows
 
 
-def test_forward_in_row_chunks_matches_reference(monkeypatch):
+@pytest.mark.parametrize("batch", [6, 7])  # 3 chunks of 2 rows; the same and one row more
+def test_forward_in_row_chunks_matches_reference(batch, monkeypatch):
     """On CPU a batch runs in chunks of whole rows; every output is that of the whole batch."""
-    monkeypatch.setattr(model, "CPU_TOKENS_PER_CHUNK", 10)  # 6 x 4 tokens -> 3 chunks of 2 rows
+    monkeypatch.setattr(model, "CPU_TOKENS_PER_CHUNK", 10)  # 4-token rows: 2 rows a chunk
     model._apply.clear_cache()
     config, ref, params = _params("odd")
-    ids = _ids(config, 6, 4, seed=4)
+    ids = _ids(config, batch, 4, seed=4)
     out = model.apply(params, jnp.asarray(ids), config, return_contextualization=True,
                       return_senses=True)
     _compare("odd/row chunks", out.logits, out.contextualization, *_run_reference(ref, ids))
     with torch.no_grad():
         want = ref.senses(torch.as_tensor(ids)).numpy()
     np.testing.assert_allclose(out.senses, want, rtol=0, atol=1e-5 * np.abs(want).max())
-    alpha = np.random.RandomState(5).dirichlet(np.ones(4), size=(6, config.num_senses, 4))
+    alpha = np.random.RandomState(5).dirichlet(np.ones(4), size=(batch, config.num_senses, 4))
     alpha = alpha.astype(np.float32)
     out = model.apply(params, jnp.asarray(ids), config, contextualization=jnp.asarray(alpha))
     ref_logits, _ = _run_reference(ref, ids, contextualization=alpha)

@@ -138,11 +138,18 @@ def test_rows_per_chunk(batch, seq, tokens, rows, monkeypatch):
     assert model._rows_per_chunk(batch, seq) == rows
 
 
-@pytest.mark.parametrize("batch", [6, 7])  # 3 chunks of 2 rows; the same and one row more
-def test_forward_in_row_chunks_matches_reference(batch, monkeypatch):
-    """On CPU a batch runs in chunks of whole rows; every output is that of the whole batch."""
-    monkeypatch.setattr(model, "CPU_TOKENS_PER_CHUNK", 10)  # 4-token rows: 2 rows a chunk
+@pytest.fixture
+def two_row_chunks(monkeypatch):
+    """4-token rows run 2 at a time; compilations under this setting are dropped afterwards."""
+    monkeypatch.setattr(model, "CPU_TOKENS_PER_CHUNK", 10)
     model._apply.clear_cache()
+    yield
+    model._apply.clear_cache()
+
+
+@pytest.mark.parametrize("batch", [6, 7])  # 3 chunks of 2 rows; the same and one row more
+def test_forward_in_row_chunks_matches_reference(batch, two_row_chunks):
+    """On CPU a batch runs in chunks of whole rows; every output is that of the whole batch."""
     config, ref, params = _params("odd")
     ids = _ids(config, batch, 4, seed=4)
     out = model.apply(params, jnp.asarray(ids), config, return_contextualization=True,
@@ -156,7 +163,6 @@ def test_forward_in_row_chunks_matches_reference(batch, monkeypatch):
     out = model.apply(params, jnp.asarray(ids), config, contextualization=jnp.asarray(alpha))
     ref_logits, _ = _run_reference(ref, ids, contextualization=alpha)
     assert np.abs(out.logits - ref_logits).max() <= LOGIT_RTOL * np.abs(ref_logits).max()
-    model._apply.clear_cache()
 
 
 def test_reference_uses_eager_attention_with_layer_scaling():

@@ -21,6 +21,11 @@ import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from backpack_jax import huge_pages
+
+if __name__ == "__main__":  # glibc reads its tunables at start-up: before jax is loaded
+    huge_pages.reexec_with_huge_pages()
+
 import flax
 import jax
 import jax.numpy as jnp

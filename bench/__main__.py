@@ -32,7 +32,7 @@ def _backpack_gpt2():
 def cpu_part(name: str, quick: bool, new_tokens: int | None = None) -> dict:
     """One CPU comparison against the PyTorch reference (same weights, same cores)."""
     from backpack_jax import sense_table
-    from bench import forward, generation, training
+    from bench import forward, generation, machine, training
 
     if name == "training":
         _backpack_gpt2.cache_clear()  # frees ~4 GB before the training comparison
@@ -41,13 +41,17 @@ def cpu_part(name: str, quick: bool, new_tokens: int | None = None) -> dict:
     config, ref, params, table, build_s = _backpack_gpt2()
     repeats = 1 if quick else 4
     if name == "forward":
-        runs = [forward.run(config, ref, params, b, 512, repeats) for b in (1, 8)]
-        runs.append(forward.run(config, ref, params, 1, 512, repeats, table=table))
+        probe = functools.partial(machine.gemm_gflops, repeats=5)
+        runs = [forward.run(config, ref, params, b, 512, repeats, gemm_probe=probe)
+                for b in (1, 8)]
+        runs.append(forward.run(config, ref, params, 1, 512, repeats, table=table,
+                                gemm_probe=probe))
         return {"config": "backpack_gpt2", "runs": runs}
     new = new_tokens or (64 if quick else 256)
-    runs = {"cached": generation.run(config, ref, params, 32, new)}
+    probe = machine.sustained_read_gbps
+    runs = {"cached": generation.run(config, ref, params, 32, new, read_probe=probe)}
     with_table = generation.run(config, ref, params, 32, new, with_reference=False,
-                                sense_edit=table)
+                                read_probe=probe, sense_edit=table)
     with_table.update(sense_table=True, table_build_s=build_s,
                       table_gb=sense_table.nbytes(config) / 1e9)
     ref_rate = runs["cached"].get("reference", {}).get("tokens_per_s")
@@ -76,7 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     cores = reference.pin_torch_threads()
     on_gpu = jax.devices()[0].platform == "gpu"
     results: dict = {"quick": args.quick, "argv": sys.argv[1:], "torch_threads": cores,
-                     "xla_flags": os.environ.get("XLA_FLAGS", "")}
+                     "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                     "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
     first = machine.measure(quick=args.quick)
     # The torch reference is CPU-only: with a GPU the accelerator section replaces the rest.
     parts = ["gpu"] if on_gpu else [p for p in PARTS if not args.only or p in args.only]
@@ -98,4 +103,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from backpack_jax import huge_pages
+
+    huge_pages.reexec_with_huge_pages()  # before jax is loaded; see backpack_jax/huge_pages.py
     main()

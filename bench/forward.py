@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,10 +17,13 @@ from bench.timing import CALLS_PER_TURN, best_seconds, seconds
 
 
 def run(config: BackpackConfig, reference, params, batch: int, seq_len: int, repeats: int,
-        with_reference: bool = True, table: SenseTable | None = None) -> dict:
+        with_reference: bool = True, table: SenseTable | None = None,
+        gemm_probe: Callable[[], float] | None = None) -> dict:
     """tokens/s of `model.apply` (fp32 logits) and of the reference's forward, best of `repeats`.
 
-    The two are timed in alternation so that interference from other work hits both alike.
+    The two are timed in alternation so that interference from other work hits both alike;
+    `gemm_probe` (GFLOP/s), if given, measures the GEMM rate before and after each turn, its best
+    kept as `gemm_gflops`: this run's bound, not one taken minutes away.
     With `table` the project looks its senses up instead of running the sense network.
     """
     ids = np.random.default_rng(batch).integers(0, config.vocab_size, (batch, seq_len),
@@ -36,12 +41,16 @@ def run(config: BackpackConfig, reference, params, batch: int, seq_len: int, rep
         del ref_logits
     del out
     best_jax, best_ref = float("inf"), float("inf")
+    gemms = [gemm_probe()] if gemm_probe else []
     for _ in range(repeats):
         best_jax = min(best_jax, best_seconds(jax_fn, CALLS_PER_TURN))
         if with_reference:
             with torch.no_grad():
                 best_ref = min(best_ref, best_seconds(lambda: reference(ids_torch)[0],
                                                         CALLS_PER_TURN))
+        gemms += [gemm_probe()] if gemm_probe else []
+    if gemms:
+        result["gemm_gflops"] = max(gemms)
     tokens = batch * seq_len
     result["jax_tokens_per_s"] = tokens / best_jax
     result["jax_gflops"] = tokens * flops.forward_flops_per_token(

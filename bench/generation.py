@@ -7,7 +7,7 @@ comes from `stream`, which hands each token to the host as it is chosen.
 from __future__ import annotations
 
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -64,7 +64,12 @@ def summarize(times: list[float], prompt_len: int, near: tuple[int, ...]) -> dic
 
 
 def run(config: BackpackConfig, reference, params, prompt_len: int, new_tokens: int,
-        with_reference: bool = True, repeats: int = 2, **jax_options) -> dict:
+        with_reference: bool = True, repeats: int = 2,
+        read_probe: Callable[[], float] | None = None, **jax_options) -> dict:
+    """Greedy generation timed against the reference; with `read_probe` (GB/s) the memory
+    bandwidth is also measured before and after each timed run, its best kept as `read_gbps`:
+    the machine's state changes within seconds, so a bound taken minutes away is not this
+    run's."""
     prompt = np.random.default_rng(0).integers(0, config.vocab_size, (1, prompt_len),
                                                dtype=np.int32)
     end = prompt_len + new_tokens
@@ -78,9 +83,14 @@ def run(config: BackpackConfig, reference, params, prompt_len: int, new_tokens: 
     runs = [jax_latencies(params, config, prompt, new_tokens, **jax_options)
             for _ in range(repeats)]
     result["jax"] = summarize(min(runs, key=lambda t: t[-1]), prompt_len, near)
-    total_s = best_seconds(
-        lambda: generate.generate(params, config, prompt, new_tokens, **jax_options).tokens,
-        repeats)
+    timed = lambda: generate.generate(params, config, prompt, new_tokens, **jax_options).tokens
+    reads = [read_probe()] if read_probe else []
+    total_s = float("inf")
+    for _ in range(repeats):
+        total_s = min(total_s, best_seconds(timed, 1))
+        reads += [read_probe()] if read_probe else []
+    if reads:
+        result["read_gbps"] = max(reads)
     result["jax"]["tokens_per_s"] = new_tokens / total_s
     # The first token costs the prefill; every later one is a decode step inside the loop.
     first_s = result["jax"]["first_token_ms"] / 1e3

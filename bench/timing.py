@@ -28,6 +28,19 @@ def best_seconds(fn: Callable[[], Any], repeats: int) -> float:
     return best
 
 
+def sustained_seconds(fn: Callable[[], Any], window_s: float, repeats: int) -> float:
+    """Seconds per call averaged over back-to-back calls filling `window_s`, best of `repeats`
+    windows: a rate sustained as long as the run it bounds, which short bursts cannot lift."""
+    best = float("inf")
+    for _ in range(repeats):
+        calls, start = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < window_s:
+            block(fn())
+            calls += 1
+        best = min(best, elapsed / calls)
+    return best
+
+
 def seconds(fn: Callable[[], Any]) -> tuple[float, Any]:
     """(wall time, result) of one call, e.g. the first call of a jitted function (compile)."""
     start = time.perf_counter()

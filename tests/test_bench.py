@@ -10,11 +10,12 @@ import pytest
 
 from backpack_jax import sense_table
 from backpack_jax.config import get_config
-from bench import forward, generation, gpu, reference, report, training
+from bench import forward, generation, gpu, reference, report, timing, training
 
 # Report inputs only: the real run measures these (bench/machine.py).
 MACHINE = {"cpu": "test cpu", "cores": 2, "platform": "cpu", "device": "cpu",
-           "gemm_gflops": 100.0, "torch_gemm_gflops": 120.0, "read_gbps": 10.0}
+           "gemm_gflops": 100.0, "torch_gemm_gflops": 120.0, "read_gbps": 10.0,
+           "read_burst_gbps": 12.0}
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +27,13 @@ def tiny():
 
 def test_cpu_parts_run_and_render(tiny):
     config, ref, params, table = tiny
-    fwd = [forward.run(config, ref, params, b, 16, repeats=1) for b in (1, 2)]
+    gemms = iter([90.0, 150.0])  # the GEMM rate measured before and after the one turn
+    fwd = [forward.run(config, ref, params, 1, 16, repeats=1, gemm_probe=lambda: next(gemms)),
+           forward.run(config, ref, params, 2, 16, repeats=1)]
     fwd.append(forward.run(config, ref, params, 1, 16, repeats=1, table=table))
-    gen = {"cached": generation.run(config, ref, params, 4, 6, repeats=1),
+    probes = iter([5.0, 7.0])  # bandwidth measured before and after the timed run
+    gen = {"cached": generation.run(config, ref, params, 4, 6, repeats=1,
+                                    read_probe=lambda: next(probes)),
            "cached + sense table": generation.run(config, ref, params, 4, 6, repeats=1,
                                                   with_reference=False, sense_edit=table)}
     gen["cached + sense table"].update(sense_table=True, table_build_s=0.0, table_gb=0.0)
@@ -48,6 +53,11 @@ def test_cpu_parts_run_and_render(tiny):
         assert f"| {row} |" in table_md, row
     # Latency near the prompt's end, the middle (128 lies beyond this run) and the end.
     assert "| generation, ms per token near position | 4 | 7 | 10 |" in table_md
+    # A row's bound uses the rate measured around its turns, if any, else the run's.
+    assert fwd[0]["gemm_gflops"] == 150.0
+    assert "(at 150 GFLOP/s) |" in table_md and "(at 120 GFLOP/s) |" in table_md
+    assert gen["cached"]["read_gbps"] == 7.0
+    assert "MB/step at 7.0 GB/s)" in table_md and "MB/step at 10.0 GB/s)" in table_md
     assert not re.search(r"\bnan\b|\binf\b", table_md)
 
 
@@ -58,3 +68,16 @@ def test_gpu_section_runs_on_cpu_with_small_shapes():
     assert "mfu" not in results["training"]  # no bf16 peak is known for a CPU
     line = report.markdown({"machine": MACHINE, "gpu": results}).splitlines()[-1]
     assert line.startswith("GPU (") and "tiny train 8x16 bf16" in line
+
+
+def test_sustained_rate_averages_a_window_where_best_takes_the_fastest_call(monkeypatch):
+    now = [0.0]
+    durations = iter([0.1, 0.3] * 100)
+
+    def call():
+        now[0] += next(durations)
+
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: now[0])
+    assert timing.best_seconds(call, 4) == pytest.approx(0.1)
+    # Windows of >= 1 s: six calls (1.2 s) each, 0.2 s per call.
+    assert timing.sustained_seconds(call, 1.0, 2) == pytest.approx(0.2)

@@ -13,6 +13,11 @@ import itertools
 import math
 from typing import Callable
 
+from backpack_jax import huge_pages
+
+if __name__ == "__main__":  # glibc reads its tunables at start-up: before jax is loaded
+    huge_pages.reexec_with_huge_pages()
+
 import jax
 from jax.sharding import Mesh
 from tqdm import tqdm

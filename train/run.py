@@ -20,6 +20,11 @@ import sys
 import time
 from typing import Any
 
+from backpack_jax import huge_pages
+
+if __name__ == "__main__":  # glibc reads its tunables at start-up: before jax is loaded
+    huge_pages.reexec_with_huge_pages()
+
 import jax
 import ml_collections
 from jax.experimental import multihost_utils

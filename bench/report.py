@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench import flops
+from backpack_jax import huge_pages
 from backpack_jax.config import get_config
+from bench import flops
 
 
 def _f(x: float | None, digits: int = 1) -> str:
@@ -108,7 +109,7 @@ def markdown(results: dict) -> str:
              "read once per decode step at the sustained read rate, each measured again between "
              "the turns of its forward or generation row (the rate in the row; training uses "
              "the run's). glibc huge pages "
-             + ("on" if "glibc.malloc.hugetlb=1" in results.get("glibc_tunables", "") else "off")
+             + ("on" if f"{huge_pages.TUNABLE}=1" in results.get("glibc_tunables", "") else "off")
              + " (both sides run in one process).", "",
              "| benchmark (tokens/s) | backpack-jax | reference | ratio | bound | of bound "
              "| target | |", "|---|---|---|---|---|---|---|---|"]

@@ -58,6 +58,9 @@ def test_cpu_parts_run_and_render(tiny):
     assert "(at 150 GFLOP/s) |" in table_md and "(at 120 GFLOP/s) |" in table_md
     assert gen["cached"]["read_gbps"] == 7.0
     assert "MB/step at 7.0 GB/s)" in table_md and "MB/step at 10.0 GB/s)" in table_md
+    assert "glibc huge pages off" in table_md
+    results["glibc_tunables"] = "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    assert "glibc huge pages on" in report.markdown(results)
     assert not re.search(r"\bnan\b|\binf\b", table_md)
 
 

@@ -82,18 +82,23 @@ def main(argv: list[str] | None = None) -> None:
     results: dict = {"quick": args.quick, "argv": sys.argv[1:], "torch_threads": cores,
                      "xla_flags": os.environ.get("XLA_FLAGS", ""),
                      "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
+    run_start = machine.cpu_jiffies()
     first = machine.measure(quick=args.quick)
+    steal = results["steal"] = {}
     # The torch reference is CPU-only: with a GPU the accelerator section replaces the rest.
     parts = ["gpu"] if on_gpu else [p for p in PARTS if not args.only or p in args.only]
     for part in tqdm(parts, desc="bench", unit="part", file=sys.stderr):
+        part_start = machine.cpu_jiffies()
         if part == "gpu":
             from bench import gpu
             results["gpu"] = gpu.run(args.quick)
         else:
             results[part] = cpu_part(part, args.quick, args.new_tokens)
+        steal[part] = machine.steal_fraction(part_start, machine.cpu_jiffies())
     # Measured again at the end; interference only lowers a rate, so the bounds use the best.
     last = machine.measure(quick=args.quick)
     results["machine"] = dataclasses.asdict(machine.best_of(first, last))
+    steal["run"] = machine.steal_fraction(run_start, machine.cpu_jiffies())
     table = report.markdown(results)
     results["markdown"] = table
     with open(args.json, "w") as f:

@@ -77,6 +77,29 @@ def sustained_read_gbps() -> float:
     return read_gbps(repeats=2, windows=1)[0]
 
 
+def cpu_jiffies(stat_path: str = "/proc/stat") -> tuple[int, int] | None:
+    """(steal, total) CPU time of all cores so far, in jiffies; None where /proc/stat is not.
+
+    Steal is time the hypervisor ran something else while this VM wanted its cores: it slows
+    every figure of a run alike and is invisible to the timers, so the report states it.
+    """
+    try:
+        with open(stat_path) as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    # user nice system idle iowait irq softirq steal guest guest_nice; guest time is already
+    # counted in user and nice.
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+def steal_fraction(start: tuple[int, int] | None, end: tuple[int, int] | None) -> float | None:
+    """Share of CPU time stolen by the hypervisor between two `cpu_jiffies` readings."""
+    if start is None or end is None or end[1] <= start[1]:
+        return None
+    return (end[0] - start[0]) / (end[1] - start[1])
+
+
 def best_of(a: Machine, b: Machine) -> Machine:
     """Interference only lowers a measured rate, so the higher of two measurements stands."""
     best = lambda x, y: y if x is None else (x if y is None else max(x, y))

@@ -142,6 +142,11 @@ def markdown(results: dict) -> str:
         if diffs:
             lines.append("Forward logits vs reference, max |diff| / max |logit|: "
                          + ", ".join(diffs) + ".")
+    steal = {part: f for part, f in results.get("steal", {}).items() if f is not None}
+    if steal:
+        lines.append("CPU time the hypervisor took (steal, /proc/stat), which slows every figure "
+                     "and no timer sees: " + ", ".join(f"{part} {100 * f:.0f}%"
+                                                      for part, f in steal.items()) + ".")
     if "gpu" in results:
         g = results["gpu"]
         t = g["training"]

@@ -10,7 +10,7 @@ import pytest
 
 from backpack_jax import sense_table
 from backpack_jax.config import get_config
-from bench import forward, generation, gpu, reference, report, timing, training
+from bench import forward, generation, gpu, machine, reference, report, timing, training
 
 # Report inputs only: the real run measures these (bench/machine.py).
 MACHINE = {"cpu": "test cpu", "cores": 2, "platform": "cpu", "device": "cpu",
@@ -59,6 +59,10 @@ def test_cpu_parts_run_and_render(tiny):
     assert gen["cached"]["read_gbps"] == 7.0
     assert "MB/step at 7.0 GB/s)" in table_md and "MB/step at 10.0 GB/s)" in table_md
     assert "glibc huge pages off" in table_md
+    assert "steal" not in table_md  # nothing measured, nothing said
+    results["steal"] = {"forward": 0.14, "generation": None, "run": 0.09}
+    assert "(steal, /proc/stat), which slows every figure and no timer sees: forward 14%, run 9%." \
+        in report.markdown(results)
     results["glibc_tunables"] = "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
     assert "glibc huge pages on" in report.markdown(results)
     assert not re.search(r"\bnan\b|\binf\b", table_md)
@@ -84,3 +88,17 @@ def test_sustained_rate_averages_a_window_where_best_takes_the_fastest_call(monk
     assert timing.best_seconds(call, 4) == pytest.approx(0.1)
     # Windows of >= 1 s: six calls (1.2 s) each, 0.2 s per call.
     assert timing.sustained_seconds(call, 1.0, 2) == pytest.approx(0.2)
+
+
+def test_steal_is_read_from_proc_stat_between_two_readings(tmp_path):
+    stat = tmp_path / "stat"
+    # user nice system idle iowait irq softirq steal guest guest_nice
+    stat.write_text("cpu  100 0 20 60 0 0 0 20 5 0\ncpu0 50 0 10 30 0 0 0 10 0 0\n")
+    start = machine.cpu_jiffies(str(stat))
+    assert start == (20, 200)  # guest time is inside user time, not added again
+    stat.write_text("cpu  250 0 40 80 0 0 0 50 9 0\n")
+    end = machine.cpu_jiffies(str(stat))
+    assert machine.steal_fraction(start, end) == pytest.approx(30 / 220)
+    assert machine.cpu_jiffies(str(tmp_path / "missing")) is None
+    assert machine.steal_fraction(None, end) is None
+    assert machine.steal_fraction(end, end) is None

@@ -4,13 +4,13 @@ A model directory holds `config.json` (the Hugging Face config dict) and either
   - `params/`: an Orbax checkpoint of the parameter tree (written by `save` and by
     `python -m convert.hf_to_flax`), or
   - `checkpoints/<step>/params/`: a training workdir's Orbax `CheckpointManager` steps.
-`load` also accepts a Hugging Face directory (config.json + safetensors or .bin) or one step
-directory of a training run, so every CLI takes whatever checkpoint the user has.
+`load` also accepts a Hugging Face directory (config.json + safetensors or .bin, read by
+`backpack_jax.hf`) or one step directory of a training run, so every CLI takes whatever
+checkpoint the user has.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 from typing import Any
@@ -18,45 +18,22 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from backpack_jax import model
+from backpack_jax import hf, model
 from backpack_jax.config import BackpackConfig
 
-CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 STEPS_DIR = "checkpoints"
-
-
-def write_config(directory: str | os.PathLike, config: BackpackConfig) -> None:
-    """Writes config.json atomically (write to a temporary name, then rename)."""
-    path = pathlib.Path(directory) / CONFIG_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(config.to_hf_dict(), indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
-def read_config(directory: str | os.PathLike) -> BackpackConfig:
-    path = pathlib.Path(directory) / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no {CONFIG_FILE} in {directory}")
-    return BackpackConfig.from_hf_dict(json.loads(path.read_text()))
 
 
 def save(directory: str | os.PathLike, params: model.Params, config: BackpackConfig) -> None:
     """Saves params (Orbax, written atomically by Orbax) and config.json into `directory`."""
     directory = pathlib.Path(directory).absolute()
-    for name in (PARAMS_DIR, CONFIG_FILE):
+    for name in (PARAMS_DIR, hf.CONFIG_FILE):
         if (directory / name).exists():
             raise FileExistsError(f"{directory / name} already exists; choose a new directory")
-    write_config(directory, config)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(directory / PARAMS_DIR, params)
-    checkpointer.wait_until_finished()
-
-
-def abstract_params(config: BackpackConfig) -> model.Params:
-    """Shapes and dtypes of the parameter tree, without allocating it."""
-    return jax.eval_shape(lambda: model.init(config, jax.random.PRNGKey(0)))
+    hf.write_config(directory, config)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(directory / PARAMS_DIR, params)
 
 
 def with_sharding(tree: Any, sharding: Any) -> Any:
@@ -68,14 +45,33 @@ def with_sharding(tree: Any, sharding: Any) -> Any:
                         tree, sharding)
 
 
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    return {"/".join(str(k.key) for k in path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def restore_params(params_dir: str | os.PathLike, config: BackpackConfig) -> model.Params:
     """Restores an Orbax parameter tree onto one device, checking it against the config's shapes.
 
-    The explicit sharding lets a checkpoint written by a multi-device run load anywhere.
+    The shapes are compared before any array is read, so a mismatch is one error naming the
+    parameters; the explicit sharding lets a checkpoint written by a multi-device run load
+    anywhere.
     """
-    target = with_sharding(abstract_params(config),
+    params_dir = pathlib.Path(params_dir).absolute()
+    target = with_sharding(model.abstract_params(config),
                            jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-    return ocp.StandardCheckpointer().restore(pathlib.Path(params_dir).absolute(), target)
+    with ocp.StandardCheckpointer() as checkpointer:
+        stored = _shapes(ocp.PyTreeCheckpointHandler().metadata(params_dir))
+        wanted = _shapes(target)
+        problems = [f"{name} is {stored.get(name, 'missing')}, the config needs {shape}"
+                    for name, shape in wanted.items() if stored.get(name) != shape]
+        problems += [f"{name} {shape} is not in the model" for name, shape in stored.items()
+                     if name not in wanted]
+        if problems:
+            raise ValueError(f"{params_dir} does not hold the model its {hf.CONFIG_FILE} "
+                             f"describes ({len(problems)} parameter(s) differ): "
+                             + "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else ""))
+        return checkpointer.restore(params_dir, target)
 
 
 def latest_step_dir(directory: str | os.PathLike) -> pathlib.Path | None:
@@ -93,16 +89,16 @@ def load(path: str | os.PathLike) -> tuple[model.Params, BackpackConfig]:
     if not path.exists():
         raise FileNotFoundError(f"checkpoint path {path} does not exist")
     if (path / PARAMS_DIR).is_dir():
-        config_dir = path if (path / CONFIG_FILE).is_file() else path.parent.parent
-        config = read_config(config_dir)
+        config_dir = path if (path / hf.CONFIG_FILE).is_file() else path.parent.parent
+        config = hf.read_config(config_dir)
         return restore_params(path / PARAMS_DIR, config), config
     step = latest_step_dir(path)
     if step is not None:
-        config = read_config(path)
+        config = hf.read_config(path)
         return restore_params(step / PARAMS_DIR, config), config
-    from convert import hf_io, load_hf  # Local import: convert depends on this module.
-    if (path / CONFIG_FILE).is_file() and any((path / f).is_file() for f in hf_io.WEIGHT_FILES):
-        return load_hf(path)
+    weights = [f for f in hf.files.WEIGHT_FILES if (path / f).is_file()]
+    if (path / hf.CONFIG_FILE).is_file() and weights:
+        return hf.load_hf(path)
     raise FileNotFoundError(
-        f"{path} is not a checkpoint: expected {CONFIG_FILE} with {PARAMS_DIR}/ (converted model), "
-        f"{STEPS_DIR}/<step>/{PARAMS_DIR}/ (training workdir), or Hugging Face weights")
+        f"{path} is not a checkpoint: expected {hf.CONFIG_FILE} with {PARAMS_DIR}/ (converted "
+        f"model), {STEPS_DIR}/<step>/{PARAMS_DIR}/ (training workdir), or Hugging Face weights")

@@ -1,14 +1,20 @@
-"""Backpack model configuration with the Hugging Face field names.
+"""The one config system: the model's hyperparameters and the presets (model + training recipe).
 
-The field names are those of the `stanfordnlp/backpack-gpt2` config.json, so a config converts to
-and from that file without a translation table. Presets give the checkpoint's exact shape, the
-paper's sizes (Table 9) and a tiny model for tests and CPU demos.
+`BackpackConfig` uses the field names of the `stanfordnlp/backpack-gpt2` config.json, so a config
+converts to and from that file without a translation table. A preset (`get_config(name)`) is an
+`ml_collections.ConfigDict`: the paper's training recipe with the model's fields under `model`.
+Presets: `gpt2_small` (the checkpoint's exact shape, the paper's Backpack-Small), `gpt2_mini`,
+`gpt2_micro` (the paper's Table 9) and `tiny` (CPU demos and tests).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
 
 # Keys a Hugging Face GPT-2/Backpack config.json carries that do not change the model's function.
 _HF_BOOKKEEPING_KEYS = frozenset({
@@ -18,6 +24,8 @@ _HF_BOOKKEEPING_KEYS = frozenset({
     "tie_word_embeddings", "pad_token_id", "return_dict", "output_hidden_states",
     "output_attentions", "torchscript", "id2label", "label2id", "problem_type",
 })
+# Keys HF configs carry whose value here must be the one given (this implementation has no other).
+_HF_FIXED_KEYS = {"reorder_and_upcast_attn": False}
 
 SUPPORTED_ACTIVATIONS = ("gelu_new",)
 
@@ -39,7 +47,6 @@ class BackpackConfig:
     initializer_range: float = 0.02
     scale_attn_weights: bool = True
     scale_attn_by_inverse_layer_idx: bool = True
-    reorder_and_upcast_attn: bool = False
     resid_pdrop: float = 0.1
     embd_pdrop: float = 0.1
     attn_pdrop: float = 0.1
@@ -85,17 +92,21 @@ class BackpackConfig:
         """Query/key width per sense in the weight network (48 for the real checkpoint)."""
         return self.n_embd // self.num_senses
 
-    def replace(self, **changes: Any) -> "BackpackConfig":
+    def replace(self, **changes: Any) -> BackpackConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_hf_dict(cls, hf: Mapping[str, Any]) -> "BackpackConfig":
+    def from_hf_dict(cls, hf: Mapping[str, Any]) -> BackpackConfig:
         """Builds a config from a config.json dict; unknown keys that could matter are errors."""
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(k for k in hf if k not in fields and k not in _HF_BOOKKEEPING_KEYS
-                         and k != "n_ctx")
+                         and k not in _HF_FIXED_KEYS and k != "n_ctx")
         if unknown:
             raise ValueError(f"config.json has keys BackpackConfig does not know: {unknown}")
+        for key, value in _HF_FIXED_KEYS.items():
+            if hf.get(key, value) != value:
+                raise ValueError(f"config.json: {key}={hf[key]!r} is not implemented "
+                                 f"(only {value})")
         if "n_ctx" in hf and hf["n_ctx"] != hf.get("n_positions", cls.n_positions):
             raise ValueError(f"config.json: n_ctx={hf['n_ctx']} differs from n_positions="
                              f"{hf.get('n_positions', cls.n_positions)}")
@@ -108,22 +119,83 @@ class BackpackConfig:
         return hf
 
 
-BACKPACK_GPT2 = BackpackConfig()  # Exactly stanfordnlp/backpack-gpt2.
-
-PRESETS: dict[str, BackpackConfig] = {
-    "backpack_gpt2": BACKPACK_GPT2,
-    "small": BACKPACK_GPT2,  # Paper's Backpack-Small: 768 / 12 layers / 12 heads, 170M.
-    "mini": BACKPACK_GPT2.replace(n_embd=640, n_layer=8, n_head=8),  # 100M.
-    "micro": BACKPACK_GPT2.replace(n_embd=384, n_layer=6, n_head=6),  # 40M.
-    # A few minutes of CPU training on the GPT-2 vocabulary; also the default in tests.
-    "tiny": BACKPACK_GPT2.replace(n_positions=128, n_embd=64, n_layer=2, n_head=2, num_senses=4,
-                                  sense_intermediate_scale=2),
-}
+# The paper's training recipe (Backpack-Small), shared by all three paper sizes.
+_PAPER_RECIPE = dict(steps=100_000, batch_size=1024, seq_len=512, lr=6e-4, warmup_steps=5_000,
+                     weight_decay=0.1, b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=1.0)
 
 
-def get_config(name: str) -> BackpackConfig:
-    """Returns a preset by name."""
+def _model(**changes: Any) -> ml_collections.ConfigDict:
+    """BackpackConfig's fields (backpack-gpt2's values unless changed) as a ConfigDict."""
+    fields = dataclasses.asdict(BackpackConfig(**changes))
+    # n_inner=None means 4*n_embd; a typed placeholder keeps an override type-checked.
+    return ml_collections.ConfigDict({k: config_dict.placeholder(int) if k == "n_inner"
+                                      and v is None else v for k, v in fields.items()})
+
+
+def _preset(model: ml_collections.ConfigDict, **fields: Any) -> ml_collections.ConfigDict:
+    cfg = ml_collections.ConfigDict()
+    cfg.model = model
+    cfg.update(_PAPER_RECIPE)
+    cfg.seed = 0
+    cfg.data = config_dict.placeholder(str)  # None: the embedded default corpus.
+    cfg.data_dir = config_dict.placeholder(str)
+    cfg.eval_every = 1000
+    cfg.eval_batches = 20  # Held-out batches of `batch_size` sequences per evaluation.
+    cfg.log_every = 10
+    cfg.checkpoint_every = 1000
+    cfg.keep_checkpoints = 3
+    # Device mesh (data, fsdp, tensor); -1 takes the devices the other axes leave.
+    cfg.mesh_shape = (-1, 1, 1)
+    cfg.dtype = "bfloat16"  # Compute dtype; parameters and optimizer state stay float32.
+    cfg.remat = "none"  # Which activations each block keeps: a train.configs.REMAT_POLICIES name.
+    # Per-device micro-batch (sequences) and accumulation steps; None derives one from the other
+    # (both None: no accumulation). The global batch never depends on the device count.
+    cfg.microbatch_size = config_dict.placeholder(int)
+    cfg.grad_accum_steps = config_dict.placeholder(int)
+    cfg.peak_flops = config_dict.placeholder(float)  # Per device, for MFU where not in the table.
+    cfg.update(fields)
+    return cfg
+
+
+def gpt2_small() -> ml_collections.ConfigDict:
+    """Backpack-Small (170M): exactly `stanfordnlp/backpack-gpt2`, with the paper's recipe."""
+    return _preset(_model(), data="openwebtext", microbatch_size=16)
+
+
+def gpt2_mini() -> ml_collections.ConfigDict:
+    """Backpack-Mini (100M) with the paper's recipe."""
+    return _preset(_model(n_embd=640, n_layer=8, n_head=8), data="openwebtext",
+                   microbatch_size=16)
+
+
+def gpt2_micro() -> ml_collections.ConfigDict:
+    """Backpack-Micro (40M) with the paper's recipe."""
+    return _preset(_model(n_embd=384, n_layer=6, n_head=6), data="openwebtext",
+                   microbatch_size=32)
+
+
+def tiny() -> ml_collections.ConfigDict:
+    """A few minutes on a 2-core CPU, on the embedded corpus; the loss falls visibly."""
+    model = _model(n_positions=128, n_embd=64, n_layer=2, n_head=2, num_senses=4,
+                   sense_intermediate_scale=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return _preset(model, steps=200, batch_size=8, seq_len=128, lr=1e-2, warmup_steps=20,
+                   eval_every=50, eval_batches=8, log_every=5, checkpoint_every=50,
+                   dtype="float32")
+
+
+PRESETS = {f.__name__: f for f in (gpt2_small, gpt2_mini, gpt2_micro, tiny)}
+
+
+def get_config(name: str) -> ml_collections.ConfigDict:
+    """A fresh, type-safe ConfigDict of the named preset (model under `model`)."""
     try:
-        return PRESETS[name]
+        return PRESETS[name]()
     except KeyError:
-        raise ValueError(f"unknown model preset {name!r}; choose from {sorted(PRESETS)}") from None
+        raise ValueError(f"unknown config {name!r}; choose from {sorted(PRESETS)}") from None
+
+
+def get_model_config(config: str | ml_collections.ConfigDict) -> BackpackConfig:
+    """The BackpackConfig of a preset (by name) or of a config's `model` field."""
+    if isinstance(config, str):
+        config = get_config(config)
+    return BackpackConfig(**config.model.to_dict())

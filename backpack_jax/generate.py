@@ -23,19 +23,15 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from backpack_jax import huge_pages
-
-if __name__ == "__main__":  # glibc reads its tunables at start-up: before jax is loaded
-    huge_pages.reexec_with_huge_pages()
-
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from backpack_jax import model
+from backpack_jax import checkpoint, model
 from backpack_jax.config import BackpackConfig
 from backpack_jax.model import BackpackLM, DecodeCache, Params, SenseEdit
+from backpack_jax.tokenizer import get_tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +71,8 @@ class Generation:
     def sequences(self) -> list[list[int]]:
         """Each row's prompt and new tokens, without the left padding."""
         width = self.prompt_width
-        return [row[width - n:].tolist() for row, n in zip(self.tokens, self.prompt_lengths)]
+        return [row[width - n:].tolist()
+                for row, n in zip(self.tokens, self.prompt_lengths, strict=True)]
 
 
 @flax.struct.dataclass
@@ -354,30 +351,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.num_samples < 1:
         parser.error(f"--num_samples must be >= 1, got {args.num_samples}")
 
-    from backpack_jax import checkpoint
-    from backpack_jax.tokenizer import get_tokenizer
-
     try:
         params, config = checkpoint.load(args.checkpoint)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         parser.error(str(e))
     tokenizer = get_tokenizer()
     prompt = tokenizer.encode(args.prompt)
     if not prompt:
         parser.error("--prompt is empty after tokenization")
-    options = dict(temperature=args.temperature, top_k=args.top_k or None,
-                   top_p=None if args.top_p >= 1 else args.top_p,
+    # The flags' "off" values (top_k 0, top_p 1) are the API's; anything else it validates.
+    options = dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
                    eos_id=None if args.ignore_eos else tokenizer.eot_id)
     for i in range(args.num_samples):
-        if args.num_samples > 1:
-            print(f"\n===== sample {i} =====", flush=True)
-        text = _TextStream(tokenizer)
-        sys.stdout.write(args.prompt)
         try:
             steps = stream(params, config, [prompt], args.max_new_tokens,
                            rng=jax.random.fold_in(jax.random.PRNGKey(args.seed), i), **options)
         except ValueError as e:
             parser.error(str(e))
+        if args.num_samples > 1:
+            print(f"\n===== sample {i} =====", flush=True)
+        text = _TextStream(tokenizer)
+        sys.stdout.write(args.prompt)
         for step in steps:
             token = int(step.tokens[0])
             if token == options["eos_id"]:

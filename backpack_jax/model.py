@@ -1,27 +1,38 @@
-"""Backpack-GPT2 as Flax linen modules, and the `init` / `apply` functions users call.
+"""Backpack-GPT2 (Hewitt et al., ACL 2023) in Flax linen, and the `init` / `apply` users call.
+
+The paper's model, in the order of this file: a GPT-2 Transformer contextualizes the input; the
+sense network maps each word to K sense vectors C(x); the weight network turns the Transformer's
+states into K causal weight matrices alpha; each position's output is
+o_i = sum_l sum_j alpha[l, i, j] C(x_j)_l, and the logits are E o_i with E the tied word
+embeddings (no bias, no final LayerNorm, no division by K).
 
 The parameter tree mirrors the Hugging Face module tree (`backpack/gpt2_model/h_3/attn/c_attn`
-is `backpack.gpt2_model.h.3.attn.c_attn`), so the converter's name mapping reads like a table.
+is `backpack.gpt2_model.h.3.attn.c_attn`), so the converter's name table reads like a table.
 
-One code path serves the full forward pass and cached decoding: every attention takes queries for
-the new positions and keys for all positions it may see (`attend_BxSxT`); with a `DecodeCache`
-the new keys, values and sense vectors are first written into fixed-size buffers at
-`cache_index`. The full pass is the special case T = S with no cache.
+One code path serves the full forward pass and cached decoding: every attention takes queries
+for the new positions and keys for all positions it may see (`attend_BxSxT`); with a
+`DecodeCache` the new keys, values and sense vectors are first written into fixed-size buffers
+at `cache_index`. The full pass is the special case T = S with no cache.
+
+A few operations have faster forms on some backends with the same math (`Kernels`): the plain
+forms are here, XLA:CPU's in xla_cpu.py, and `kernels_for` is the one place that chooses.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import flax
 import flax.linen as nn
 import jax
-import jax.extend.random
 import jax.numpy as jnp
 import numpy as np
 
+from backpack_jax import xla_cpu
 from backpack_jax.config import BackpackConfig
 
 Params = Any
@@ -33,26 +44,28 @@ WEIGHT_NET_MASK_VALUE = -10000.0
 class BackpackOutput:
     logits: jax.Array  # [B, S, V], float32
     contextualization: jax.Array | None = None  # [B, K, S, T] alpha, when asked
-    senses: jax.Array | None = None  # [B, K, S, D] sense vectors, when asked
+    senses: jax.Array | None = None  # [B, K, T, D] sense vectors, when asked
 
 
 @flax.struct.dataclass
 class DecodeCache:
-    """Everything decoding needs about the prefix, in buffers of length T (the length budget)."""
+    """Everything decoding needs about the prefix, in buffers of length T (the length budget).
 
-    # Batch and heads (or senses) share the leading axis: [B*N, T, F] is exactly the operand of
-    # the attention products, so a decode step writes its new entries in place and the products
-    # read the buffer as it is. (With [B, N, T, F] and B = 1, XLA copies every buffer per step.)
-    keys: tuple[jax.Array, ...]  # per GPT-2 layer [B*H, T, Dh]
-    values: tuple[jax.Array, ...]  # per GPT-2 layer [B*H, T, Dh]
+    Batch and heads (or senses) share the leading axis: [BH, T, E] is exactly the operand of the
+    attention products, so a decode step writes its new entries in place and the products read
+    the buffer as it is.
+    """
+
+    keys: tuple[jax.Array, ...]  # per GPT-2 layer [BH, T, E]
+    values: tuple[jax.Array, ...]  # per GPT-2 layer [BH, T, E]
     sense_keys_BKxTxE: jax.Array  # weight-network keys
     senses_BKxTxD: jax.Array  # sense vectors of the tokens seen so far
 
     @classmethod
     def zeros(cls, config: BackpackConfig, batch: int, length: int,
-              dtype: Any = jnp.float32) -> "DecodeCache":
-        kv = jnp.zeros((batch * config.n_head, length, config.head_dim), dtype)
-        return cls(keys=(kv,) * config.n_layer, values=(kv,) * config.n_layer,
+              dtype: Any = jnp.float32) -> DecodeCache:
+        kv_BHxTxE = jnp.zeros((batch * config.n_head, length, config.head_dim), dtype)
+        return cls(keys=(kv_BHxTxE,) * config.n_layer, values=(kv_BHxTxE,) * config.n_layer,
                    sense_keys_BKxTxE=jnp.zeros(
                        (batch * config.num_senses, length, config.sense_head_dim), dtype),
                    senses_BKxTxD=jnp.zeros(
@@ -69,174 +82,94 @@ class SenseEdit(Protocol):
     def edit(self, input_ids_BxS: jax.Array, senses_BxSxKxD: jax.Array) -> jax.Array: ...
 
 
-def _write(buffer_BNxTxF: jax.Array, new_BNxSxF: jax.Array, index: jax.Array) -> jax.Array:
-    """Writes `new` into a cache buffer along its time axis starting at `index`."""
-    return jax.lax.dynamic_update_slice(buffer_BNxTxF, new_BNxSxF.astype(buffer_BNxTxF.dtype),
-                                        (0, index, 0))
+# ------------------------------------------------------------------------------ kernels
+
+def _plain_keep_mask(rng: jax.Array, shape: tuple[int, ...], rate: float
+                     ) -> tuple[jax.Array, float]:
+    """(keep, keep_prob) of inverted dropout."""
+    return jax.random.bernoulli(rng, 1.0 - rate, shape), 1.0 - rate
 
 
-def _fold(x_BxSxNxF: jax.Array) -> jax.Array:
-    """[B, S, N, F] -> [B*N, S, F]: one leading axis for batch and heads (or senses)."""
-    B, S, N, F = x_BxSxNxF.shape
-    return x_BxSxNxF.transpose(0, 2, 1, 3).reshape(B * N, S, F)
+def _plain_sense_sum(alpha_BxKxSxT: jax.Array, senses_BKxTxD: jax.Array, dtype: Any
+                     ) -> jax.Array:
+    """o [B, S, D] = sum over senses k and positions t of alpha[b, k, s, t] * senses[b, k, t]."""
+    B, K = alpha_BxKxSxT.shape[:2]
+    senses_BxKxTxD = senses_BKxTxD.reshape(B, K, *senses_BKxTxD.shape[1:])
+    return jnp.einsum("bkst,bktd->bsd", alpha_BxKxSxT.astype(dtype), senses_BxKxTxD.astype(dtype),
+                      preferred_element_type=jnp.float32)
 
 
-def _scores(q_BNxSxE: jax.Array, k_BNxTxE: jax.Array, batch: int) -> jax.Array:
-    """q . k for every query and key position, in float32: [B, N, S, T]."""
-    scores_BNxSxT = jnp.einsum("nse,nte->nst", q_BNxSxE, k_BNxTxE,
-                               preferred_element_type=jnp.float32)
-    return scores_BNxSxT.reshape(batch, -1, *scores_BNxSxT.shape[1:])
+def _plain_lm_head(o_BxSxD: jax.Array, wte_VxD: jax.Array) -> jax.Array:
+    """Logits E o, accumulated in float32."""
+    return jnp.einsum("bsd,vd->bsv", o_BxSxD, wte_VxD, preferred_element_type=jnp.float32)
 
 
-def _mix(p_BxNxSxT: jax.Array, v_BNxTxF: jax.Array, dtype: Any) -> jax.Array:
-    """Per head, the p-weighted sum of values over positions: [B, N, S, F]."""
-    B, N, S, T = p_BxNxSxT.shape
-    out_BNxSxF = jnp.einsum("nst,ntf->nsf", p_BxNxSxT.reshape(B * N, S, T).astype(dtype),
-                            v_BNxTxF.astype(dtype), preferred_element_type=jnp.float32)
-    return out_BNxSxF.reshape(B, N, S, -1)
+@dataclasses.dataclass(frozen=True)
+class Kernels:
+    """The operations a backend may compute in another form with the same math (hashable, so a
+    jit static argument). The defaults are the plain forms."""
+
+    matmul: Callable = jnp.matmul  # (x [..., I], kernel [I, O]) -> [..., O]
+    keep_mask: Callable = _plain_keep_mask  # (rng, shape, rate) -> (keep, keep_prob)
+    residual: Callable = lambda x_BxSxD: x_BxSxD  # marks the residual stream before a LayerNorm
+    sense_sum: Callable = _plain_sense_sum  # (alpha, senses, dtype) -> o [B, S, D]
+    lm_head: Callable = _plain_lm_head  # (o [B, S, D], E [V, D]) -> float32 logits [B, S, V]
+    batch_forward: Callable = lambda forward, batch, seq_len: forward  # runs an inference batch
 
 
-# Products with at most this many rows (decode steps) split their contraction in _SPLITS parts.
-_FEW_ROWS = 8
-_SPLITS = 8
+PLAIN = Kernels()
+XLA_CPU = Kernels(matmul=xla_cpu.matmul, keep_mask=xla_cpu.keep_mask, residual=xla_cpu.residual,
+                  sense_sum=xla_cpu.sense_sum, lm_head=xla_cpu.lm_head,
+                  batch_forward=xla_cpu.in_row_chunks)
 
+
+def kernels_for(platform: str) -> Kernels:
+    """The kernels for a JAX platform name ("cpu", "gpu", "tpu"): XLA:CPU's forms on CPU."""
+    return XLA_CPU if platform == "cpu" else PLAIN
+
+
+# ---------------------------------------------------------------------------- building blocks
 
 class Dense(nn.Module):
-    """x @ kernel + bias, kernel [in, out] like HF's Conv1D; float32 parameters.
-
-    A decode step's products are matrix-vector products, bound by reading the kernel; XLA's CPU
-    dot reads a lone one at ~20 GB/s where the machine streams ~30. Splitting the contraction
-    into independent slices (a batched product, then a sum) lets XLA spread them over the cores:
-    a backpack-gpt2 decode step went from 37 to 34 ms (BENCHMARKS.md). Same arithmetic up to the
-    order of the sum.
-    """
+    """x @ kernel + bias, kernel [I, O] like HF's Conv1D; float32 parameters."""
 
     features: int
     std: float
     dtype: Any
+    kernels: Kernels
 
     @nn.compact
-    def __call__(self, x_NxI: jax.Array) -> jax.Array:
-        n_in = x_NxI.shape[-1]
+    def __call__(self, x_MxI: jax.Array) -> jax.Array:
         kernel_IxO = self.param("kernel", nn.initializers.normal(self.std),
-                                (n_in, self.features), jnp.float32).astype(self.dtype)
+                                (x_MxI.shape[-1], self.features), jnp.float32).astype(self.dtype)
         bias_O = self.param("bias", nn.initializers.zeros, (self.features,),
                             jnp.float32).astype(self.dtype)
-        x_NxI = x_NxI.astype(self.dtype)
-        rows = math.prod(x_NxI.shape[:-1])
-        if rows > _FEW_ROWS or n_in % _SPLITS:
-            return x_NxI @ kernel_IxO + bias_O
-        g = _SPLITS
-        x_RxGxJ = x_NxI.reshape(rows, g, n_in // g)
-        parts_GxRxO = jnp.einsum("rgj,gjo->gro", x_RxGxJ, kernel_IxO.reshape(g, n_in // g, -1))
-        return (parts_GxRxO.sum(0) + bias_O).reshape(*x_NxI.shape[:-1], self.features)
-
-
-def _flat_index(shape: tuple[int, ...]) -> jax.Array:
-    """Row-major element numbers of `shape` as uint32, built from per-axis iotas so that XLA's
-    SPMD partitioner keeps it sharded (each device numbers its own elements)."""
-    index = jnp.zeros(shape, jnp.uint32)
-    stride = 1
-    for axis in reversed(range(len(shape))):
-        index += jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
-        stride *= shape[axis]
-    return index
-
-
-def _keep_mask(rng: jax.Array, shape: tuple[int, ...], dropped_levels: int) -> jax.Array:
-    """Boolean mask of `shape`: each element is kept when its uniform 16-bit level (an
-    integer in [0, 2^16)) is at least `dropped_levels`, independently of all others.
-
-    A threefry2x32 block yields two 32-bit words, i.e. four 16-bit levels; `jax.random.bits`
-    spends a whole block per element (it xors the two words). With a threefry key and a last
-    axis divisible by 4 the block is called directly, one per four elements; otherwise each
-    32-bit word of `jax.random.bits` gives two levels (even last axis) or one. The mask is
-    formed before the levels are interleaved, so XLA keeps one byte per element, not four.
-    """
-    *lead, last = shape
-    blocks = (*lead, last // 4)
-    if (last % 4 == 0 and math.prod(blocks) < 2 ** 32
-            and str(jax.random.key_impl(rng)) == "threefry2x32"):
-        k1, k2 = jax.random.key_data(rng)
-        words = jax.extend.random.threefry2x32_p.bind(
-            k1, k2, jnp.zeros(blocks, jnp.uint32), _flat_index(blocks))
-        words = jnp.stack(words, axis=-1)  # [..., last / 4, 2]
-    elif last % 2 == 0:
-        words = jax.random.bits(rng, (*lead, last // 2), jnp.uint32)
-    else:
-        return (jax.random.bits(rng, shape, jnp.uint32) >> 16) >= dropped_levels
-    keep = [(words & 0xFFFF) >= dropped_levels, (words >> 16) >= dropped_levels]
-    return jnp.stack(keep, axis=-1).reshape(shape)
+        return self.kernels.matmul(x_MxI.astype(self.dtype), kernel_IxO) + bias_O
 
 
 class Dropout(nn.Module):
-    """Inverted dropout whose keep mask is drawn from 16-bit uniforms, four per threefry block.
-
-    JAX's sharding-invariant threefry spends a whole block on each element of the requested
-    shape whatever its bit width, and those random bits were the costliest elementwise work of a
-    CPU training step; `_keep_mask` quarters them. The keep probability is rounded to a
-    multiple of 2^-16 (0.9 -> 0.899994) and kept values are scaled by its exact inverse, so the
-    layer stays unbiased.
-    """
+    """Inverted dropout: kept values are scaled by 1 / keep_prob, so the layer is unbiased."""
 
     rate: float
+    kernels: Kernels
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
         if deterministic or self.rate == 0.0:
             return x
-        dropped_levels = min(round(self.rate * 2 ** 16), 2 ** 16 - 1)  # keeps keep_prob > 0
-        keep_prob = 1.0 - dropped_levels / 2 ** 16
-        keep = _keep_mask(self.make_rng("dropout"), x.shape, dropped_levels)
+        keep, keep_prob = self.kernels.keep_mask(self.make_rng("dropout"), x.shape, self.rate)
         return jnp.where(keep, x / keep_prob, 0.0).astype(x.dtype)
-
-
-def _cond_identity(x: jax.Array) -> jax.Array:
-    """The identity as a conditional, which XLA's CPU fusion cannot look through: both branches
-    return x but differ in form, so XLA keeps the conditional and x is computed once into a
-    buffer instead of being recomputed inside every fusion that reads it."""
-    first = x.ravel()[0]
-    return jax.lax.cond(first == first, lambda t: t, lambda t: t * 1.0, x)
-
-
-def _materialize_on_cpu(x: jax.Array) -> jax.Array:
-    """x, computed into its own buffer on CPU; the plain identity elsewhere (a GPU conditional
-    would sync with the host)."""
-    return jax.lax.platform_dependent(x, cpu=_cond_identity, default=lambda t: t)
-
-
-@jax.custom_vjp
-def _residual_boundary(x_BxSxD: jax.Array) -> jax.Array:
-    """The identity on the residual stream, whose cotangent is materialised on CPU.
-
-    The residual stream's cotangent is a chain of adds and LayerNorm gradients through every
-    later block. XLA's CPU fusion duplicated that chain into each weight-gradient transpose,
-    so the backward's elementwise work grew with the square of the depth (12% of a gpt2_micro
-    training step, BENCHMARKS.md). Placed before each LayerNorm of a block.
-    """
-    return x_BxSxD
-
-
-def _residual_boundary_fwd(x_BxSxD):
-    return x_BxSxD, None
-
-
-def _residual_boundary_bwd(_, g_BxSxD):
-    return (_materialize_on_cpu(g_BxSxD),)
-
-
-_residual_boundary.defvjp(_residual_boundary_fwd, _residual_boundary_bwd)
-
-
-def _output_proj_std(config: BackpackConfig) -> float:
-    """Init std of each residual-branch output projection (every MLP's c_proj, attn.c_proj)."""
-    return config.initializer_range / math.sqrt(2 * config.n_layer)
 
 
 def _layer_norm(config: BackpackConfig, name: str) -> nn.LayerNorm:
     """LayerNorm in float32 whatever the compute dtype, with torch's two-pass variance."""
     return nn.LayerNorm(epsilon=config.layer_norm_epsilon, dtype=jnp.float32,
                         param_dtype=jnp.float32, use_fast_variance=False, name=name)
+
+
+def _output_proj_std(config: BackpackConfig) -> float:
+    """Init std of each residual-branch output projection (every MLP's c_proj, attn.c_proj)."""
+    return config.initializer_range / math.sqrt(2 * config.n_layer)
 
 
 class MLP(nn.Module):
@@ -246,14 +179,45 @@ class MLP(nn.Module):
     hidden: int
     out: int
     dtype: Any
+    kernels: Kernels
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        cfg = self.config
-        h = Dense(self.hidden, cfg.initializer_range, self.dtype, name="c_fc")(x)
-        h = jax.nn.gelu(h, approximate=True)  # gelu_new is the tanh approximation.
-        h = Dense(self.out, _output_proj_std(cfg), self.dtype, name="c_proj")(h)
-        return Dropout(cfg.resid_pdrop)(h, not train)
+    def __call__(self, x_BxSxD: jax.Array, train: bool) -> jax.Array:
+        cfg, kernels = self.config, self.kernels
+        h_BxSxF = Dense(self.hidden, cfg.initializer_range, self.dtype, kernels, name="c_fc")(
+            x_BxSxD)
+        h_BxSxF = jax.nn.gelu(h_BxSxF, approximate=True)  # gelu_new is the tanh approximation.
+        out_BxSxO = Dense(self.out, _output_proj_std(cfg), self.dtype, kernels, name="c_proj")(
+            h_BxSxF)
+        return Dropout(cfg.resid_pdrop, kernels)(out_BxSxO, not train)
+
+
+# ------------------------------------------------------------------- the GPT-2 Transformer
+
+def _write(buffer: jax.Array, new: jax.Array, index: jax.Array | int) -> jax.Array:
+    """Writes `new` into a cache buffer along its time axis (1) starting at `index`."""
+    return jax.lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), (0, index, 0))
+
+
+def _fold(x_BxSxHxE: jax.Array) -> jax.Array:
+    """[B, S, H, E] -> [BH, S, E]: one leading axis for batch and heads (or senses)."""
+    B, S, H, E = x_BxSxHxE.shape
+    return x_BxSxHxE.transpose(0, 2, 1, 3).reshape(B * H, S, E)
+
+
+def _scores(q_BHxSxE: jax.Array, k_BHxTxE: jax.Array, batch: int) -> jax.Array:
+    """q . k for every query and key position, in float32: [B, H, S, T]."""
+    scores_BHxSxT = jnp.einsum("nse,nte->nst", q_BHxSxE, k_BHxTxE,
+                               preferred_element_type=jnp.float32)
+    return scores_BHxSxT.reshape(batch, -1, *scores_BHxSxT.shape[1:])
+
+
+def _mix(p_BxHxSxT: jax.Array, v_BHxTxE: jax.Array, dtype: Any) -> jax.Array:
+    """Per head, the p-weighted sum of values over positions: [B, H, S, E]."""
+    B, H, S, T = p_BxHxSxT.shape
+    out_BHxSxE = jnp.einsum("nst,nte->nse", p_BxHxSxT.reshape(B * H, S, T).astype(dtype),
+                            v_BHxTxE.astype(dtype), preferred_element_type=jnp.float32)
+    return out_BHxSxE.reshape(B, H, S, -1)
 
 
 class Attention(nn.Module):
@@ -262,16 +226,18 @@ class Attention(nn.Module):
     config: BackpackConfig
     layer_idx: int
     dtype: Any
+    kernels: Kernels
 
     @nn.compact
     def __call__(self, x_BxSxD: jax.Array, attend_BxSxT: jax.Array, train: bool,
                  kv: tuple[jax.Array, jax.Array] | None, cache_index: jax.Array | int
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        cfg = self.config
+        cfg, kernels = self.config, self.kernels
         B, S, D = x_BxSxD.shape
-        qkv = Dense(3 * D, cfg.initializer_range, self.dtype, name="c_attn")(x_BxSxD)
-        q_BHxSxE, k_BHxTxE, v_BHxTxE = (
-            _fold(t.reshape(B, S, cfg.n_head, cfg.head_dim)) for t in jnp.split(qkv, 3, axis=-1))
+        qkv_BxSx3D = Dense(3 * D, cfg.initializer_range, self.dtype, kernels, name="c_attn")(
+            x_BxSxD)
+        q_BHxSxE, k_BHxTxE, v_BHxTxE = (_fold(t.reshape(B, S, cfg.n_head, cfg.head_dim))
+                                        for t in jnp.split(qkv_BxSx3D, 3, axis=-1))
         if kv is not None:
             kv = (_write(kv[0], k_BHxTxE, cache_index), _write(kv[1], v_BHxTxE, cache_index))
             k_BHxTxE, v_BHxTxE = kv
@@ -284,11 +250,11 @@ class Attention(nn.Module):
         scores_BxHxSxT = jnp.where(attend_BxSxT[:, None], scores_BxHxSxT,
                                    jnp.finfo(jnp.float32).min)
         probs_BxHxSxT = jax.nn.softmax(scores_BxHxSxT, axis=-1)
-        probs_BxHxSxT = Dropout(cfg.attn_pdrop)(probs_BxHxSxT, not train)
+        probs_BxHxSxT = Dropout(cfg.attn_pdrop, kernels)(probs_BxHxSxT, not train)
         out_BxHxSxE = _mix(probs_BxHxSxT, v_BHxTxE, self.dtype).astype(self.dtype)
         out_BxSxD = out_BxHxSxE.transpose(0, 2, 1, 3).reshape(B, S, D)
-        out = Dense(D, _output_proj_std(cfg), self.dtype, name="c_proj")(out_BxSxD)
-        return Dropout(cfg.resid_pdrop)(out, not train), kv
+        out_BxSxD = Dense(D, _output_proj_std(cfg), self.dtype, kernels, name="c_proj")(out_BxSxD)
+        return Dropout(cfg.resid_pdrop, kernels)(out_BxSxD, not train), kv
 
 
 class Block(nn.Module):
@@ -297,26 +263,27 @@ class Block(nn.Module):
     config: BackpackConfig
     layer_idx: int
     dtype: Any
+    kernels: Kernels
 
     @nn.compact
     def __call__(self, x_BxSxD, attend_BxSxT, train, kv, cache_index):
-        cfg = self.config
-        x_BxSxD = _residual_boundary(x_BxSxD)
-        h = _layer_norm(cfg, "ln_1")(x_BxSxD).astype(self.dtype)
-        a, kv = Attention(cfg, self.layer_idx, self.dtype, name="attn")(
-            h, attend_BxSxT, train, kv, cache_index)
-        x_BxSxD = x_BxSxD + a
-        x_BxSxD = _residual_boundary(x_BxSxD)
-        h = _layer_norm(cfg, "ln_2")(x_BxSxD).astype(self.dtype)
-        x_BxSxD = x_BxSxD + MLP(cfg, cfg.inner_dim, cfg.n_embd, self.dtype, name="mlp")(h, train)
-        return x_BxSxD, kv
+        cfg, kernels = self.config, self.kernels
+        x_BxSxD = kernels.residual(x_BxSxD)
+        h_BxSxD = _layer_norm(cfg, "ln_1")(x_BxSxD).astype(self.dtype)
+        a_BxSxD, kv = Attention(cfg, self.layer_idx, self.dtype, kernels, name="attn")(
+            h_BxSxD, attend_BxSxT, train, kv, cache_index)
+        x_BxSxD = kernels.residual(x_BxSxD + a_BxSxD)
+        h_BxSxD = _layer_norm(cfg, "ln_2")(x_BxSxD).astype(self.dtype)
+        mlp = MLP(cfg, cfg.inner_dim, cfg.n_embd, self.dtype, kernels, name="mlp")
+        return x_BxSxD + mlp(h_BxSxD, train), kv
 
 
 class GPT2Model(nn.Module):
-    """The GPT-2 Transformer that produces the contextualization weights' inputs."""
+    """The GPT-2 Transformer whose final states feed the weight network."""
 
     config: BackpackConfig
     dtype: Any
+    kernels: Kernels
     remat_policy: Any = None  # A jax.checkpoint policy: recompute each block in the backward.
 
     def setup(self):
@@ -328,8 +295,8 @@ class GPT2Model(nn.Module):
                             param_dtype=jnp.float32)
         self.wpe = nn.Embed(cfg.n_positions, cfg.n_embd, embedding_init=embed_init,
                             param_dtype=jnp.float32)
-        self.drop = Dropout(cfg.embd_pdrop)
-        self.h = [block(cfg, i, self.dtype) for i in range(cfg.n_layer)]
+        self.drop = Dropout(cfg.embd_pdrop, self.kernels)
+        self.h = [block(cfg, i, self.dtype, self.kernels) for i in range(cfg.n_layer)]
         self.ln_f = _layer_norm(cfg, "ln_f")
 
     def __call__(self, input_ids_BxS, position_ids_BxS, attend_BxSxT, train, cache, cache_index):
@@ -343,56 +310,66 @@ class GPT2Model(nn.Module):
         return self.ln_f(x_BxSxD).astype(self.dtype), new_kv
 
 
-class SenseNetwork(nn.Module):
-    """Maps each token's embedding to K sense vectors; no positions, no mixing across tokens."""
-
-    config: BackpackConfig
-    dtype: Any
-
-    @nn.compact
-    def __call__(self, embeds_BxSxD: jax.Array, train: bool) -> jax.Array:
-        cfg = self.config
-        residual = Dropout(cfg.embd_pdrop)(embeds_BxSxD, not train)
-        h = _layer_norm(cfg, "ln")(residual).astype(self.dtype)
-        h = NoMixBlock(cfg, self.dtype, name="block")(h, residual, train)
-        senses = MLP(cfg, cfg.sense_intermediate_scale * cfg.n_embd,
-                     cfg.num_senses * cfg.n_embd, self.dtype, name="final_mlp")(h, train)
-        B, S, _ = senses.shape
-        # The projection's output index is sense * D + feature (sense-major).
-        return senses.reshape(B, S, cfg.num_senses, cfg.n_embd)
-
+# -------------------------------------------------------------------------- the sense network
 
 class NoMixBlock(nn.Module):
     """The sense network's residual block: takes (hidden, residual), mixes no positions."""
 
     config: BackpackConfig
     dtype: Any
+    kernels: Kernels
 
     @nn.compact
     def __call__(self, h_BxSxD, residual_BxSxD, train):
-        cfg = self.config
-        residual_BxSxD = (Dropout(cfg.resid_pdrop)(h_BxSxD, not train)
-                          + residual_BxSxD)
-        h = _layer_norm(cfg, "ln_1")(residual_BxSxD).astype(self.dtype)
-        residual_BxSxD = residual_BxSxD + Dropout(cfg.resid_pdrop)(
-            MLP(cfg, 4 * cfg.n_embd, cfg.n_embd, self.dtype, name="mlp")(h, train), not train)
+        cfg, kernels = self.config, self.kernels
+        residual_BxSxD = Dropout(cfg.resid_pdrop, kernels)(h_BxSxD, not train) + residual_BxSxD
+        h_BxSxD = _layer_norm(cfg, "ln_1")(residual_BxSxD).astype(self.dtype)
+        mlp = MLP(cfg, 4 * cfg.n_embd, cfg.n_embd, self.dtype, kernels, name="mlp")
+        residual_BxSxD = residual_BxSxD + Dropout(cfg.resid_pdrop, kernels)(
+            mlp(h_BxSxD, train), not train)
         return _layer_norm(cfg, "ln_2")(residual_BxSxD).astype(self.dtype)
 
+
+class SenseNetwork(nn.Module):
+    """Maps each token's embedding to K sense vectors; no positions, no mixing across tokens."""
+
+    config: BackpackConfig
+    dtype: Any
+    kernels: Kernels
+
+    @nn.compact
+    def __call__(self, embeds_BxSxD: jax.Array, train: bool) -> jax.Array:
+        cfg, kernels = self.config, self.kernels
+        residual_BxSxD = Dropout(cfg.embd_pdrop, kernels)(embeds_BxSxD, not train)
+        h_BxSxD = _layer_norm(cfg, "ln")(residual_BxSxD).astype(self.dtype)
+        h_BxSxD = NoMixBlock(cfg, self.dtype, kernels, name="block")(h_BxSxD, residual_BxSxD,
+                                                                     train)
+        senses_BxSxKD = MLP(cfg, cfg.sense_intermediate_scale * cfg.n_embd,
+                            cfg.num_senses * cfg.n_embd, self.dtype, kernels,
+                            name="final_mlp")(h_BxSxD, train)
+        B, S, _ = senses_BxSxKD.shape
+        # The projection's output index is sense * D + feature (sense-major).
+        return senses_BxSxKD.reshape(B, S, cfg.num_senses, cfg.n_embd)
+
+
+# ------------------------------------------------------------------------ the weight network
 
 class WeightNetwork(nn.Module):
     """Per-sense queries and keys from the GPT-2 states (no values, no dropout)."""
 
     config: BackpackConfig
     dtype: Any
+    kernels: Kernels
 
     @nn.compact
     def __call__(self, h_BxSxD: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Queries and keys, [B*K, S, E] each."""
+        """Queries and keys, [BK, S, E] each."""
         cfg = self.config
         B, S, _ = h_BxSxD.shape
-        qk = Dense(2 * cfg.n_embd, cfg.initializer_range, self.dtype, name="c_attn")(h_BxSxD)
+        qk_BxSx2D = Dense(2 * cfg.n_embd, cfg.initializer_range, self.dtype, self.kernels,
+                          name="c_attn")(h_BxSxD)
         # Output index = (query|key) * D + sense * E + feature.
-        qk_BxSx2xKxE = qk.reshape(B, S, 2, cfg.num_senses, cfg.sense_head_dim)
+        qk_BxSx2xKxE = qk_BxSx2D.reshape(B, S, 2, cfg.num_senses, cfg.sense_head_dim)
         return _fold(qk_BxSx2xKxE[:, :, 0]), _fold(qk_BxSx2xKxE[:, :, 1])
 
 
@@ -406,39 +383,20 @@ def contextualization_weights(q_BKxSxE: jax.Array, k_BKxTxE: jax.Array,
     return jax.nn.softmax(scores_BxKxSxT, axis=-1)
 
 
-@jax.custom_vjp
-def _tied_lm_head(o_BxSxD: jax.Array, wte_VxD: jax.Array) -> jax.Array:
-    """Logits o @ wte^T in float32 (accumulated in float32 whatever the input dtype)."""
-    return jnp.einsum("bsd,vd->bsv", o_BxSxD, wte_VxD, preferred_element_type=jnp.float32)
-
-
-def _tied_lm_head_fwd(o_BxSxD, wte_VxD):
-    return _tied_lm_head(o_BxSxD, wte_VxD), (o_BxSxD, wte_VxD)
-
-
-def _tied_lm_head_bwd(residuals, g_BxSxV):
-    """The embedding gradient as (o^T g)^T: autodiff's g^T o makes XLA's CPU backend transpose
-    all of g ([B*S, V]) and run the product at half its GEMM rate."""
-    o_BxSxD, wte_VxD = residuals
-    g_BxSxV = g_BxSxV.astype(o_BxSxD.dtype)  # Cotangents in the operands' dtype, as autodiff's.
-    d_o = jnp.einsum("bsv,vd->bsd", g_BxSxV, wte_VxD)
-    return d_o, jnp.einsum("bsd,bsv->dv", o_BxSxD, g_BxSxV).T
-
-
-_tied_lm_head.defvjp(_tied_lm_head_fwd, _tied_lm_head_bwd)
-
+# ------------------------------------------------------------------------------ the Backpack
 
 class Backpack(nn.Module):
     """The Backpack: a weighted sum of sense vectors, then the tied LM head."""
 
     config: BackpackConfig
-    dtype: Any = jnp.float32
+    dtype: Any
+    kernels: Kernels
     remat_policy: Any = None
 
     def setup(self):
-        self.gpt2_model = GPT2Model(self.config, self.dtype, self.remat_policy)
-        self.sense_network = SenseNetwork(self.config, self.dtype)
-        self.sense_weight_net = WeightNetwork(self.config, self.dtype)
+        self.gpt2_model = GPT2Model(self.config, self.dtype, self.kernels, self.remat_policy)
+        self.sense_network = SenseNetwork(self.config, self.dtype, self.kernels)
+        self.sense_weight_net = WeightNetwork(self.config, self.dtype, self.kernels)
 
     def senses(self, input_ids_BxS: jax.Array, train: bool = False) -> jax.Array:
         """Sense vectors [B, S, K, D] of each token (they depend on the token alone)."""
@@ -449,13 +407,13 @@ class Backpack(nn.Module):
                  sense_edit: SenseEdit | None = None,
                  contextualization_BxKxSxT: jax.Array | None = None,
                  return_contextualization=False, return_senses=False):
+        B = input_ids_BxS.shape[0]
         h_BxSxD, new_kv = self.gpt2_model(input_ids_BxS, position_ids_BxS, attend_BxSxT, train,
                                           cache, cache_index)
-        B = input_ids_BxS.shape[0]
-        q_BKxSxE, k_BKxTxE = self.sense_weight_net(h_BxSxD)
         senses_BxSxKxD = self.senses(input_ids_BxS, train)
         if sense_edit is not None:
             senses_BxSxKxD = sense_edit.edit(input_ids_BxS, senses_BxSxKxD)
+        q_BKxSxE, k_BKxTxE = self.sense_weight_net(h_BxSxD)
         senses_BKxTxD = _fold(senses_BxSxKxD)
         new_cache = None
         if cache is not None:
@@ -467,36 +425,31 @@ class Backpack(nn.Module):
         alpha_BxKxSxT = contextualization_BxKxSxT
         if alpha_BxKxSxT is None:
             alpha_BxKxSxT = contextualization_weights(q_BKxSxE, k_BKxTxE, attend_BxSxT, B)
-        senses_BxKxTxD = senses_BKxTxD.reshape(B, -1, *senses_BKxTxD.shape[1:])
-        if input_ids_BxS.shape[1] == 1:  # A decode step: per sense alpha_k @ senses_k, summed,
-            # which reads the cache buffer as it is (see DecodeCache).
-            o_BxSxD = jnp.sum(_mix(alpha_BxKxSxT, senses_BKxTxD, self.dtype), axis=1)
-        else:  # One product over senses and positions together: faster for long inputs.
-            if cache is None:  # Materialised, the layout change for its gradient is a cheap
-                # copy; fused with the sense network's bias and dropout it took 200 ms of a
-                # gpt2_micro training step.
-                senses_BxKxTxD = _materialize_on_cpu(senses_BxKxTxD)
-            o_BxSxD = jnp.einsum("bkst,bktd->bsd", alpha_BxKxSxT.astype(self.dtype),
-                                 senses_BxKxTxD.astype(self.dtype),
-                                 preferred_element_type=jnp.float32)
+        o_BxSxD = self.kernels.sense_sum(alpha_BxKxSxT, senses_BKxTxD, self.dtype)
         wte_VxD = self.gpt2_model.wte.embedding
-        logits_BxSxV = _tied_lm_head(o_BxSxD.astype(self.dtype), wte_VxD.astype(self.dtype))
+        logits_BxSxV = self.kernels.lm_head(o_BxSxD.astype(self.dtype), wte_VxD.astype(self.dtype))
         out = BackpackOutput(
             logits=logits_BxSxV,
             contextualization=alpha_BxKxSxT if return_contextualization else None,
-            senses=senses_BxKxTxD if return_senses else None)
+            senses=senses_BKxTxD.reshape(B, -1, *senses_BKxTxD.shape[1:]) if return_senses
+            else None)
         return out, new_cache
 
 
 class BackpackLM(nn.Module):
-    """Top-level module; its only child is named `backpack` like the HF model's."""
+    """Top-level module; its only child is named `backpack` like the HF model's.
+
+    `kernels=None` takes those of JAX's default backend (`kernels_for`).
+    """
 
     config: BackpackConfig
     dtype: Any = jnp.float32
     remat_policy: Any = None  # Training only: see GPT2Model.remat_policy.
+    kernels: Kernels | None = None
 
     def setup(self):
-        self.backpack = Backpack(self.config, self.dtype, self.remat_policy)
+        kernels = self.kernels or kernels_for(jax.default_backend())
+        self.backpack = Backpack(self.config, self.dtype, kernels, self.remat_policy)
 
     def __call__(self, *args, **kwargs):
         return self.backpack(*args, **kwargs)
@@ -504,6 +457,8 @@ class BackpackLM(nn.Module):
     def senses(self, input_ids_BxS, train=False):
         return self.backpack.senses(input_ids_BxS, train)
 
+
+# ------------------------------------------------------------------------------ the user API
 
 def causal_mask(seq_len: int) -> jax.Array:
     """attend[i, j] = j <= i, shaped [1, S, S] to broadcast over the batch."""
@@ -514,17 +469,19 @@ def causal_mask(seq_len: int) -> jax.Array:
 def init(config: BackpackConfig, rng: jax.Array) -> Params:
     """Fresh parameters with the paper's initialisation (float32); jitted, as eager init is slow."""
     ids = jnp.zeros((1, 2), jnp.int32)
-    variables = BackpackLM(config).init(rng, ids, jnp.arange(2)[None], causal_mask(2))
+    variables = BackpackLM(config, kernels=PLAIN).init(rng, ids, jnp.arange(2)[None],
+                                                      causal_mask(2))
     return variables["params"]
+
+
+def abstract_params(config: BackpackConfig) -> Params:
+    """Shapes and dtypes of the parameter tree, without allocating it."""
+    return jax.eval_shape(lambda: init(config, jax.random.PRNGKey(0)))
 
 
 def count_params(tree: Any) -> int:
     """Number of parameters in a (possibly abstract) parameter tree or subtree."""
     return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
-
-
-def _is_concrete(x: Any) -> bool:
-    return not isinstance(x, jax.core.Tracer)
 
 
 def validate_token_ids(input_ids: Any, config: BackpackConfig, what: str = "input_ids",
@@ -544,7 +501,7 @@ def validate_token_ids(input_ids: Any, config: BackpackConfig, what: str = "inpu
                          f"n_positions={config.n_positions}")
     if not jnp.issubdtype(input_ids.dtype, jnp.integer):
         raise ValueError(f"{what} must hold integers, got dtype {input_ids.dtype}")
-    if _is_concrete(input_ids):
+    if not isinstance(input_ids, jax.core.Tracer):
         ids = np.asarray(input_ids)
         bad = (ids < 0) | (ids >= limit)
         if bad.any():
@@ -553,69 +510,30 @@ def validate_token_ids(input_ids: Any, config: BackpackConfig, what: str = "inpu
                              f"{int(bad.sum())} id(s) out of range in total")
 
 
-# An inference forward on CPU runs its batch this many tokens (whole rows) at a time.
-CPU_TOKENS_PER_CHUNK = 512
-
-
-def _rows_per_chunk(batch: int, seq_len: int) -> int:
-    """Whole rows holding at most CPU_TOKENS_PER_CHUNK tokens (at least one row)."""
-    return min(batch, max(1, CPU_TOKENS_PER_CHUNK // seq_len))
-
-
-def _in_row_chunks(forward, batch: int, seq_len: int):
-    """`forward` over the batch in chunks of whole rows, one after another (`lax.map`); rows
-    that do not fill a last chunk run in one more call.
-
-    XLA's CPU GEMMs run one sequence's [512, K] x [K, N] products at 320-380 GFLOP/s but a
-    batch's [B*512, K] ones at 230-280, and fuse LayerNorms into the larger products, which
-    then run slower still: a backpack-gpt2 forward at B=8, S=512 went from 600-652 to 787-918
-    tokens/s (BENCHMARKS.md). Same arithmetic, row by row.
-    """
-    rows = _rows_per_chunk(batch, seq_len)
-    if rows == batch:
-        return forward
-    chunks, rest = divmod(batch, rows)
-    whole = chunks * rows
-
-    def chunked(*xs_B):
-        split = lambda x: None if x is None else x[:whole].reshape(chunks, rows, *x.shape[1:])
-        out = jax.lax.map(lambda xs: forward(*xs), tuple(split(x) for x in xs_B))
-        out = jax.tree.map(lambda y: y.reshape(whole, *y.shape[2:]), out)
-        if rest:
-            tail = forward(*(None if x is None else x[whole:] for x in xs_B))
-            out = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), out, tail)
-        return out
-    return chunked
-
-
 @functools.partial(jax.jit, static_argnames=("config", "train", "return_contextualization",
-                                             "return_senses", "dtype"))
+                                             "return_senses", "dtype", "kernels"))
 def _apply(params, input_ids, position_ids, rng, sense_edit, contextualization, *, config,
-           train, return_contextualization, return_senses, dtype):
-    rngs = {"dropout": rng} if train else {}
-
+           train, return_contextualization, return_senses, dtype, kernels):
     def forward(input_ids_BxS, position_ids_BxS, contextualization_BxKxSxS):
-        out, _ = BackpackLM(config, dtype).apply(
+        out, _ = BackpackLM(config, dtype, kernels=kernels).apply(
             {"params": params}, input_ids_BxS, position_ids_BxS,
             causal_mask(input_ids_BxS.shape[1]), train=train, sense_edit=sense_edit,
             contextualization_BxKxSxT=contextualization_BxKxSxS,
             return_contextualization=return_contextualization, return_senses=return_senses,
-            rngs=rngs)
+            rngs={"dropout": rng} if train else {})
         return out
 
-    if train:  # Dropout masks are drawn for the whole batch; chunks would draw other ones.
-        return forward(input_ids, position_ids, contextualization)
-    return jax.lax.platform_dependent(
-        input_ids, position_ids, contextualization,
-        cpu=_in_row_chunks(forward, *input_ids.shape), default=forward)
+    if not train:  # Dropout masks are drawn for the whole batch; chunks would draw other ones.
+        forward = kernels.batch_forward(forward, *input_ids.shape)
+    return forward(input_ids, position_ids, contextualization)
 
 
 def apply(params: Params, input_ids: jax.Array, config: BackpackConfig, *,
           position_ids: jax.Array | None = None, train: bool = False,
           rng: jax.Array | None = None, return_contextualization: bool = False,
           return_senses: bool = False, dtype: Any = jnp.float32,
-          sense_edit: SenseEdit | None = None,
-          contextualization: jax.Array | None = None) -> BackpackOutput:
+          sense_edit: SenseEdit | None = None, contextualization: jax.Array | None = None,
+          kernels: Kernels | None = None) -> BackpackOutput:
     """Runs the Backpack LM on `input_ids` [B, S].
 
     Args:
@@ -629,6 +547,8 @@ def apply(params: Params, input_ids: jax.Array, config: BackpackConfig, *,
       sense_edit: an intervention on sense vectors (see `backpack_jax.senses`).
       contextualization: use this alpha [B, K, S, S] instead of the model's (HF's
         `run_with_custom_contextualization`).
+      kernels: how backend-tunable operations are computed; default `kernels_for` the default
+        backend (`PLAIN` gives the plain forms everywhere).
     """
     validate_token_ids(input_ids, config)
     B, S = input_ids.shape
@@ -648,4 +568,5 @@ def apply(params: Params, input_ids: jax.Array, config: BackpackConfig, *,
                          f"got {contextualization.shape}")
     return _apply(params, input_ids, position_ids, rng, sense_edit, contextualization,
                   config=config, train=train, return_contextualization=return_contextualization,
-                  return_senses=return_senses, dtype=dtype)
+                  return_senses=return_senses, dtype=dtype,
+                  kernels=kernels or kernels_for(jax.default_backend()))

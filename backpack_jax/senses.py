@@ -21,20 +21,16 @@ import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from backpack_jax import huge_pages
-
-if __name__ == "__main__":  # glibc reads its tunables at start-up: before jax is loaded
-    huge_pages.reexec_with_huge_pages()
-
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from backpack_jax import model
+from backpack_jax import checkpoint, model
 from backpack_jax.config import BackpackConfig
 from backpack_jax.model import BackpackLM, Params
+from backpack_jax.tokenizer import get_tokenizer
 
 SUBWORD_CHOICES = ("first", "mean")
 
@@ -68,10 +64,10 @@ def _senses_BxSxKxD(params: Params, ids_BxS: jax.Array, *, config: BackpackConfi
 
 def sense_vectors(params: Params, config: BackpackConfig, token_ids: Sequence[int]
                   ) -> jax.Array:
-    """Sense vectors [N, K, D] of N tokens (they depend on the token alone, not its context)."""
-    ids_Nx1 = np.asarray(token_ids, dtype=np.int32).reshape(-1, 1)  # no n_positions limit
-    model.validate_token_ids(ids_Nx1, config, what="token_ids")
-    return _senses_BxSxKxD(params, jnp.asarray(ids_Nx1), config=config)[:, 0]
+    """Sense vectors [C, K, D] of C tokens (they depend on the token alone, not its context)."""
+    ids_Cx1 = np.asarray(token_ids, dtype=np.int32).reshape(-1, 1)  # no n_positions limit
+    model.validate_token_ids(ids_Cx1, config, what="token_ids")
+    return _senses_BxSxKxD(params, jnp.asarray(ids_Cx1), config=config)[:, 0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,8 +104,8 @@ def word_senses(params: Params, config: BackpackConfig, word: str, tokenizer: An
         raise ValueError(
             f"{word!r} is {len(ids)} tokens: {pieces} (ids {ids}); choose how to combine their "
             f"senses with subword='first' or subword='mean' (CLI: --subword first|mean)")
-    senses_NxKxD = sense_vectors(params, config, ids)
-    senses = senses_NxKxD[0] if subword in (None, "first") else senses_NxKxD.mean(axis=0)
+    senses_CxKxD = sense_vectors(params, config, ids)
+    senses = senses_CxKxD[0] if subword in (None, "first") else senses_CxKxD.mean(axis=0)
     return WordSenses(word=word, token_ids=ids, pieces=pieces, senses_KxD=senses)
 
 
@@ -117,10 +113,10 @@ def word_senses(params: Params, config: BackpackConfig, word: str, tokenizer: An
 class SenseProjection:
     """For each sense, the words its projection E @ sense ranks highest and lowest."""
 
-    promoted_ids_KxN: np.ndarray
-    promoted_logits_KxN: np.ndarray
-    suppressed_ids_KxN: np.ndarray  # most negative first
-    suppressed_logits_KxN: np.ndarray
+    promoted_ids_KxW: np.ndarray
+    promoted_logits_KxW: np.ndarray
+    suppressed_ids_KxW: np.ndarray  # most negative first
+    suppressed_logits_KxW: np.ndarray
 
 
 @functools.partial(jax.jit, static_argnames=("top", "vocab_limit"))
@@ -152,12 +148,12 @@ def _show(tokenizer: Any, token: int) -> str:
 def format_sense_table(projection: SenseProjection, tokenizer: Any,
                        senses: Sequence[int] | None = None) -> str:
     """One row per sense: its index, the words it promotes most, and those it suppresses most."""
-    K = projection.promoted_ids_KxN.shape[0]
+    K = projection.promoted_ids_KxW.shape[0]
     rows = [("sense", "promotes (highest E @ sense first)", "suppresses (lowest first)")]
     for k in range(K) if senses is None else senses:
         rows.append((str(k),
-                     ", ".join(_show(tokenizer, t) for t in projection.promoted_ids_KxN[k]),
-                     ", ".join(_show(tokenizer, t) for t in projection.suppressed_ids_KxN[k])))
+                     ", ".join(_show(tokenizer, t) for t in projection.promoted_ids_KxW[k]),
+                     ", ".join(_show(tokenizer, t) for t in projection.suppressed_ids_KxW[k])))
     widths = [max(len(r[c]) for r in rows) for c in range(2)]
     lines = [f"{r[0]:>{widths[0]}} | {r[1]:<{widths[1]}} | {r[2]}" for r in rows]
     lines.insert(1, "-" * len(lines[0]))
@@ -205,7 +201,7 @@ def plot_contextualization(alpha_KxSxS: np.ndarray, labels: Sequence[str], sense
                              layout="constrained")
     for ax in axes.flat[len(senses):]:
         ax.axis("off")
-    for i, (ax, k) in enumerate(zip(axes.flat, senses)):
+    for i, (ax, k) in enumerate(zip(axes.flat, senses, strict=False)):
         image = ax.imshow(alpha_KxSxS[k], cmap="viridis", vmin=0.0, vmax=1.0)
         ax.set_title(f"sense {k}")
         ax.set_xticks(range(S), labels, rotation=90, fontsize=8)
@@ -232,17 +228,17 @@ class SenseIntervention:
     """
 
     scale_VxK: jax.Array  # ones = no change
-    replace_token_N: jax.Array  # int32 [N]; (token, sense) pairs are unique
-    replace_sense_N: jax.Array  # int32 [N]
-    replace_vectors_NxD: jax.Array  # float32 [N, D]
+    replace_token_R: jax.Array  # int32 [R]; (token, sense) pairs are unique
+    replace_sense_R: jax.Array  # int32 [R]
+    replace_vectors_RxD: jax.Array  # float32 [R, D]
 
     def edit(self, input_ids_BxS: jax.Array, senses_BxSxKxD: jax.Array) -> jax.Array:
         K = senses_BxSxKxD.shape[2]
-        if self.replace_token_N.shape[0]:
-            hit_BxSxKxN = ((input_ids_BxS[..., None, None] == self.replace_token_N)
-                           & (jnp.arange(K)[:, None] == self.replace_sense_N))
-            new_BxSxKxD = self.replace_vectors_NxD[jnp.argmax(hit_BxSxKxN, axis=-1)]
-            senses_BxSxKxD = jnp.where(hit_BxSxKxN.any(-1)[..., None],
+        if self.replace_token_R.shape[0]:
+            hit_BxSxKxR = ((input_ids_BxS[..., None, None] == self.replace_token_R)
+                           & (jnp.arange(K)[:, None] == self.replace_sense_R))
+            new_BxSxKxD = self.replace_vectors_RxD[jnp.argmax(hit_BxSxKxR, axis=-1)]
+            senses_BxSxKxD = jnp.where(hit_BxSxKxR.any(-1)[..., None],
                                        new_BxSxKxD.astype(senses_BxSxKxD.dtype), senses_BxSxKxD)
         scale_BxSxK = self.scale_VxK[input_ids_BxS].astype(senses_BxSxKxD.dtype)
         return senses_BxSxKxD * scale_BxSxK[..., None]
@@ -251,9 +247,9 @@ class SenseIntervention:
 def no_intervention(config: BackpackConfig) -> SenseIntervention:
     """The identity edit (all scales 1, no replacements)."""
     return SenseIntervention(scale_VxK=jnp.ones((config.vocab_size, config.num_senses)),
-                             replace_token_N=jnp.zeros((0,), jnp.int32),
-                             replace_sense_N=jnp.zeros((0,), jnp.int32),
-                             replace_vectors_NxD=jnp.zeros((0, config.n_embd)))
+                             replace_token_R=jnp.zeros((0,), jnp.int32),
+                             replace_sense_R=jnp.zeros((0,), jnp.int32),
+                             replace_vectors_RxD=jnp.zeros((0, config.n_embd)))
 
 
 def scale_senses(config: BackpackConfig, factors: Mapping[int, Mapping[int, float]]
@@ -284,11 +280,11 @@ def replace_senses(config: BackpackConfig, vectors: Mapping[int, Mapping[int, An
 
 def _with_replacements(base: SenseIntervention, pairs: list[tuple[int, int]],
                        rows: list[np.ndarray]) -> SenseIntervention:
-    D = base.replace_vectors_NxD.shape[1]
+    D = base.replace_vectors_RxD.shape[1]
     return base.replace(
-        replace_token_N=jnp.asarray([t for t, _ in pairs], jnp.int32).reshape(-1),
-        replace_sense_N=jnp.asarray([k for _, k in pairs], jnp.int32).reshape(-1),
-        replace_vectors_NxD=jnp.asarray(np.asarray(rows, np.float32).reshape(-1, D)))
+        replace_token_R=jnp.asarray([t for t, _ in pairs], jnp.int32).reshape(-1),
+        replace_sense_R=jnp.asarray([k for _, k in pairs], jnp.int32).reshape(-1),
+        replace_vectors_RxD=jnp.asarray(np.asarray(rows, np.float32).reshape(-1, D)))
 
 
 def compose(*edits: SenseIntervention) -> SenseIntervention:
@@ -303,20 +299,20 @@ def compose(*edits: SenseIntervention) -> SenseIntervention:
             raise ValueError(f"cannot compose interventions for different models: scale tables "
                              f"{scale_VxK.shape} and {e.scale_VxK.shape}")
         scale_VxK *= np.asarray(e.scale_VxK)
-        for t, k, v in zip(np.asarray(e.replace_token_N), np.asarray(e.replace_sense_N),
-                           np.asarray(e.replace_vectors_NxD)):
+        for t, k, v in zip(np.asarray(e.replace_token_R), np.asarray(e.replace_sense_R),
+                           np.asarray(e.replace_vectors_RxD), strict=True):
             replaced[(int(t), int(k))] = v
     base = edits[0].replace(scale_VxK=jnp.asarray(scale_VxK))
     return _with_replacements(base, list(replaced), list(replaced.values()))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "vocab_limit"))
-def _topic_scores_chunk(params, ids_C, topic_T, *, config, vocab_limit):
+def _topic_scores_chunk(params, ids_C, topic_ids, *, config, vocab_limit):
     senses_CxKxD = BackpackLM(config).apply({"params": params}, ids_C[:, None],
                                             method="senses")[:, 0]
     logits_CxKxV = jnp.einsum("ckd,vd->ckv", senses_CxKxD, _embedding_VxD(params)[:vocab_limit],
                               precision=jax.lax.Precision.HIGHEST)
-    return (jax.nn.logsumexp(logits_CxKxV[..., topic_T], axis=-1)
+    return (jax.nn.logsumexp(logits_CxKxV[..., topic_ids], axis=-1)
             - jax.nn.logsumexp(logits_CxKxV, axis=-1))
 
 
@@ -331,7 +327,7 @@ def topic_scores(params: Params, config: BackpackConfig, topic_ids: Sequence[int
     A sense scores high only if it promotes the topic words more than all other words, so
     upweighting it shifts the model's predictions towards the topic. Computed over the
     vocabulary in chunks (memory chunk x K x V floats); the work is V * K * V * D multiply-adds
-    (3e13 for backpack-gpt2: about 30 minutes on 2 CPU cores; a GPU needs seconds).
+    (3e13 for backpack-gpt2), hence the progress bar.
     """
     V = config.vocab_size
     vocab_limit = V if vocab_limit is None else min(vocab_limit, V)
@@ -353,8 +349,8 @@ def topic_scores(params: Params, config: BackpackConfig, topic_ids: Sequence[int
 @dataclasses.dataclass(frozen=True)
 class TopicSenses:
     intervention: SenseIntervention
-    pairs_Nx2: np.ndarray  # the upweighted (token, sense) pairs, best first
-    scores_N: np.ndarray
+    pairs_Rx2: np.ndarray  # the upweighted (token, sense) pairs, best first
+    scores_R: np.ndarray
 
 
 def topic_intervention(params: Params, config: BackpackConfig, topic_ids: Sequence[int], *,
@@ -378,7 +374,7 @@ def topic_intervention(params: Params, config: BackpackConfig, topic_ids: Sequen
     scale_VxK[tokens, senses] = factor
     return TopicSenses(
         intervention=no_intervention(config).replace(scale_VxK=jnp.asarray(scale_VxK)),
-        pairs_Nx2=np.stack([tokens, senses], axis=1), scores_N=scores_VxK[tokens, senses])
+        pairs_Rx2=np.stack([tokens, senses], axis=1), scores_R=scores_VxK[tokens, senses])
 
 
 # ---------------------------------------------------------------------------------- CLI
@@ -412,9 +408,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("give --word (sense table) and/or --text with --plot (heatmaps)")
     if args.text and not args.plot:
         parser.error("--text needs --plot PATH.png to write the heatmaps to")
-
-    from backpack_jax import checkpoint
-    from backpack_jax.tokenizer import get_tokenizer
 
     try:
         params, config = checkpoint.load(args.checkpoint)

@@ -134,5 +134,5 @@ class Tokenizer:
 
 @functools.cache
 def get_tokenizer() -> Tokenizer:
-    """The process-wide GPT-2 tokenizer (built once: reading and checking the files takes ~0.3s)."""
+    """The process-wide GPT-2 tokenizer (built once: the BPE files are read and checked once)."""
     return Tokenizer()

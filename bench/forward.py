@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 
-from backpack_jax import model
+from backpack_jax import flops, model
 from backpack_jax.config import BackpackConfig
 from backpack_jax.sense_table import SenseTable
-from bench import flops
 from bench.timing import CALLS_PER_TURN, best_seconds, seconds
 
 
@@ -29,7 +27,10 @@ def run(config: BackpackConfig, reference, params, batch: int, seq_len: int, rep
     ids = np.random.default_rng(batch).integers(0, config.vocab_size, (batch, seq_len),
                                                 dtype=np.int32)
     ids_jax, ids_torch = jnp.asarray(ids), torch.from_numpy(ids.astype(np.int64))
-    jax_fn = lambda: model.apply(params, ids_jax, config, sense_edit=table).logits
+
+    def jax_fn():
+        return model.apply(params, ids_jax, config, sense_edit=table).logits
+
     compile_s, out = seconds(jax_fn)
     result = {"batch": batch, "seq_len": seq_len, "compile_s": compile_s,
               "sense_table": table is not None}

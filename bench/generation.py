@@ -7,7 +7,7 @@ comes from `stream`, which hands each token to the host as it is chosen.
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -83,7 +83,10 @@ def run(config: BackpackConfig, reference, params, prompt_len: int, new_tokens: 
     runs = [jax_latencies(params, config, prompt, new_tokens, **jax_options)
             for _ in range(repeats)]
     result["jax"] = summarize(min(runs, key=lambda t: t[-1]), prompt_len, near)
-    timed = lambda: generate.generate(params, config, prompt, new_tokens, **jax_options).tokens
+
+    def timed():
+        return generate.generate(params, config, prompt, new_tokens, **jax_options).tokens
+
     reads = [read_probe()] if read_probe else []
     total_s = float("inf")
     for _ in range(repeats):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import platform
 
 import jax
 import jax.numpy as jnp
+import torch
 
 from bench.timing import best_seconds, sustained_seconds
 
@@ -45,8 +47,6 @@ def gemm_gflops(n: int = 2048, repeats: int = 10) -> float:
 
 
 def torch_gemm_gflops(n: int = 2048, repeats: int = 10) -> float:
-    import torch
-
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
     return 2 * n ** 3 / best_seconds(lambda: a @ b, repeats) / 1e9
@@ -67,8 +67,9 @@ def read_gbps(megabytes: int = 512, repeats: int = 10, window_s: float = 1.0, wi
     sustained, burst = float("inf"), float("inf")
     for read in reads:
         read(x).block_until_ready()
-        burst = min(burst, best_seconds(lambda: read(x), repeats))
-        sustained = min(sustained, sustained_seconds(lambda: read(x), window_s, windows))
+        burst = min(burst, best_seconds(functools.partial(read, x), repeats))
+        sustained = min(sustained, sustained_seconds(functools.partial(read, x), window_s,
+                                                     windows))
     return x.nbytes / sustained / 1e9, x.nbytes / burst / 1e9
 
 
@@ -102,7 +103,9 @@ def steal_fraction(start: tuple[int, int] | None, end: tuple[int, int] | None) -
 
 def best_of(a: Machine, b: Machine) -> Machine:
     """Interference only lowers a measured rate, so the higher of two measurements stands."""
-    best = lambda x, y: y if x is None else (x if y is None else max(x, y))
+    def best(x: float | None, y: float | None) -> float | None:
+        return y if x is None else (x if y is None else max(x, y))
+
     return dataclasses.replace(
         a, gemm_gflops=max(a.gemm_gflops, b.gemm_gflops), read_gbps=max(a.read_gbps, b.read_gbps),
         read_burst_gbps=max(a.read_burst_gbps, b.read_burst_gbps),

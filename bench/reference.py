@@ -1,4 +1,4 @@
-"""The PyTorch reference (tests/torch_reference.py) and the same weights as JAX params."""
+"""The PyTorch reference (bench/torch_reference.py) and the same weights as JAX params."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import os
 import torch
 
 from backpack_jax.config import BackpackConfig
+from backpack_jax.hf import from_state_dict
 from backpack_jax.model import Params
+from bench.torch_reference import TorchBackpackLM, random_reference
 
 
 def pin_torch_threads() -> int:
@@ -17,11 +19,8 @@ def pin_torch_threads() -> int:
     return cores
 
 
-def reference_and_params(config: BackpackConfig, seed: int = 0):
+def reference_and_params(config: BackpackConfig, seed: int = 0
+                         ) -> tuple[TorchBackpackLM, Params]:
     """(TorchBackpackLM in eval mode, the identical JAX params)."""
-    import convert
-    from tests.torch_reference import random_reference
-
     reference = random_reference(config, seed)
-    params: Params = convert.from_state_dict(reference.canonical_tensors(), config)
-    return reference, params
+    return reference, from_state_dict(reference.canonical_tensors(), config)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from backpack_jax import huge_pages
-from backpack_jax.config import get_config
-from bench import flops
+from backpack_jax import flops
+from backpack_jax.config import get_model_config
+
+# The glibc tunable that backs malloc with transparent huge pages (set in GLIBC_TUNABLES).
+HUGE_PAGES = "glibc.malloc.hugetlb=1"
 
 
 def _f(x: float | None, digits: int = 1) -> str:
@@ -29,7 +31,7 @@ def gemm_bound_gflops(machine: dict, run: dict | None = None) -> float:
 
 
 def forward_rows(results: dict, machine: dict) -> list[str]:
-    config = get_config(results["config"])
+    config = get_model_config(results["config"])
     rows = []
     for r in results["runs"]:
         table = r.get("sense_table", False)
@@ -48,7 +50,7 @@ def forward_rows(results: dict, machine: dict) -> list[str]:
 
 
 def generation_rows(results: dict, machine: dict) -> list[str]:
-    config = get_config(results["config"])
+    config = get_model_config(results["config"])
     rows = []
     for label, r in results["runs"].items():
         cache_len = r["prompt_len"] + r["new_tokens"] - 1
@@ -70,8 +72,13 @@ def generation_rows(results: dict, machine: dict) -> list[str]:
     return rows
 
 
+def huge_pages_on(glibc_tunables: str) -> bool:
+    """Whether a GLIBC_TUNABLES value (colon-separated settings) turns huge pages on."""
+    return HUGE_PAGES in glibc_tunables.split(":")
+
+
 def training_rows(results: dict, machine: dict) -> list[str]:
-    config = get_config(results["preset"])
+    config = get_model_config(results["config"])
     r = results["run"]
     bound = gemm_bound_gflops(machine) * 1e9 / (3 * flops.forward_flops_per_token(config,
                                                                                 r["seq_len"]))
@@ -109,7 +116,7 @@ def markdown(results: dict) -> str:
              "read once per decode step at the sustained read rate, each measured again between "
              "the turns of its forward or generation row (the rate in the row; training uses "
              "the run's). glibc huge pages "
-             + ("on" if f"{huge_pages.TUNABLE}=1" in results.get("glibc_tunables", "") else "off")
+             + ("on" if huge_pages_on(results.get("glibc_tunables", "")) else "off")
              + " (both sides run in one process).", "",
              "| benchmark (tokens/s) | backpack-jax | reference | ratio | bound | of bound "
              "| target | |", "|---|---|---|---|---|---|---|---|"]

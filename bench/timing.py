@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
-
 
 # Project and reference are timed in turns; the first call of a turn runs up to 2x slower (the
 # other side's allocations have just been freed), so each turn makes this many calls, best kept.

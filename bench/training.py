@@ -5,15 +5,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from backpack_jax import config as config_lib, flops
 from backpack_jax.config import BackpackConfig
-from bench import flops, reference as reference_lib
+from bench import reference as reference_lib
 from bench.timing import CALLS_PER_TURN, best_seconds, seconds
 from train import configs, optim, sharding, step as train_step
 
 
 def train_config(name: str, batch: int, seq_len: int, dtype: str, remat: str = "none"):
     """The named training config at a benchmark-sized batch (dropout as in the recipe)."""
-    cfg = configs.get_config(name)
+    cfg = config_lib.get_config(name)
     with cfg.unlocked():
         cfg.batch_size, cfg.seq_len, cfg.dtype, cfg.remat = batch, seq_len, dtype, remat
         cfg.microbatch_size, cfg.grad_accum_steps = None, None
@@ -57,7 +58,7 @@ def torch_step(cfg, reference: torch.nn.Module):
 def run(name: str, batch: int, seq_len: int, repeats: int, with_reference: bool = True,
         dtype: str = "float32", remat: str = "none") -> dict:
     cfg = train_config(name, batch, seq_len, dtype, remat)
-    model_cfg = configs.model_from_config(cfg)
+    model_cfg = config_lib.get_model_config(cfg)
     reference, params = reference_lib.reference_and_params(model_cfg, seed=1)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, model_cfg.vocab_size, (batch, seq_len + 1), dtype=np.int32)

@@ -11,8 +11,7 @@ import argparse
 import sys
 
 from backpack_jax import checkpoint, model
-from convert.hf_io import save_hf
-from convert.state_dict import ConversionError
+from backpack_jax.hf import save_hf
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params, config = checkpoint.load(args.src)
         save_hf(params, config, args.out)
-    except (ConversionError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # ConversionError too
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {args.out}: {model.count_params(params):,} parameters")

@@ -9,8 +9,7 @@ import argparse
 import sys
 
 from backpack_jax import checkpoint, model
-from convert.hf_io import load_hf
-from convert.state_dict import ConversionError
+from backpack_jax.hf import load_hf
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params, config = load_hf(args.src)
         checkpoint.save(args.out, params, config)
-    except (ConversionError, FileExistsError) as e:
+    except (ValueError, FileExistsError) as e:  # ConversionError too
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {args.out}: {model.count_params(params):,} parameters, n_layer={config.n_layer}, "

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import pathlib
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import safetensors.torch
@@ -25,7 +25,8 @@ from backpack_jax.config import BackpackConfig
 
 LAYOUTS = ("safetensors", "safetensors_aliases", "alias_only", "sharded", "sharded_bin", "bin",
            "bin_aliases")
-# Spelled out here, not imported from convert.names, so a wrong table there fails the tests.
+# Spelled out here, not imported from backpack_jax.hf.names, so a wrong table there fails the
+# tests.
 WTE = "backpack.gpt2_model.wte.weight"
 WPE = "backpack.gpt2_model.wpe.weight"
 ALIASES = {"backpack.word_embeddings.weight": WTE, "lm_head.weight": WTE,

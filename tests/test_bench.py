@@ -4,13 +4,26 @@ Speeds are not asserted (see BENCHMARKS.md); this keeps `python -m bench` and th
 which no test machine has, from breaking unnoticed.
 """
 
+import json
 import re
+import sys
 
 import pytest
 
 from backpack_jax import sense_table
-from backpack_jax.config import get_config
-from bench import forward, generation, gpu, machine, reference, report, timing, training
+from backpack_jax.config import get_model_config
+from bench import (
+    __main__ as cli,
+    forward,
+    generation,
+    gpu,
+    machine,
+    reference,
+    report,
+    suite,
+    timing,
+    training,
+)
 
 # Report inputs only: the real run measures these (bench/machine.py).
 MACHINE = {"cpu": "test cpu", "cores": 2, "platform": "cpu", "device": "cpu",
@@ -20,7 +33,7 @@ MACHINE = {"cpu": "test cpu", "cores": 2, "platform": "cpu", "device": "cpu",
 
 @pytest.fixture(scope="module")
 def tiny():
-    config = get_config("tiny")
+    config = get_model_config("tiny")
     ref, params = reference.reference_and_params(config)
     return config, ref, params, sense_table.build(params, config, chunk=4096)
 
@@ -41,7 +54,7 @@ def test_cpu_parts_run_and_render(tiny):
     results = {"machine": MACHINE,
                "forward": {"config": "tiny", "runs": fwd},
                "generation": {"config": "tiny", "runs": gen},
-               "training": {"config": "tiny", "preset": "tiny", "run": train}}
+               "training": {"config": "tiny", "run": train}}
 
     for r in fwd:  # the bench checks its own parity: same weights, same logits
         assert r["max_rel_diff"] < 1e-4
@@ -65,11 +78,13 @@ def test_cpu_parts_run_and_render(tiny):
         in report.markdown(results)
     results["glibc_tunables"] = "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
     assert "glibc huge pages on" in report.markdown(results)
+    results["glibc_tunables"] = "glibc.malloc.hugetlb=0"
+    assert "glibc huge pages off" in report.markdown(results)
     assert not re.search(r"\bnan\b|\binf\b", table_md)
 
 
 def test_gpu_section_runs_on_cpu_with_small_shapes():
-    results = gpu.run(quick=True, train_name="tiny", model_name="tiny", seq_len=16)
+    results = gpu.run(quick=True, config_name="tiny", seq_len=16)
     assert [r["batch"] for r in results["forward"]] == [1, 8, 32]
     assert results["training"]["jax_tokens_per_s"] > 0
     assert "mfu" not in results["training"]  # no bf16 peak is known for a CPU
@@ -102,3 +117,24 @@ def test_steal_is_read_from_proc_stat_between_two_readings(tmp_path):
     assert machine.cpu_jiffies(str(tmp_path / "missing")) is None
     assert machine.steal_fraction(None, end) is None
     assert machine.steal_fraction(end, end) is None
+
+
+def test_cli_writes_json_only_where_asked(tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(suite, "run", lambda *args: calls.append(args) or {"markdown": "TABLE"})
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["--quick", "--only", "training"]) == 0
+    assert calls == [(True, ["training"], None)]
+    assert capsys.readouterr().out == "TABLE\n"
+    assert list(tmp_path.iterdir()) == []  # no file unless --json names one
+    assert cli.main(["--json", "figures.json"]) == 0
+    assert calls[-1] == (False, ["forward", "generation", "training"], None)
+    assert json.loads((tmp_path / "figures.json").read_text()) == {"markdown": "TABLE"}
+
+
+@pytest.mark.parametrize("absent", ["torch", "transformers"])
+def test_cli_without_the_bench_extra_says_how_to_get_it(absent, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, absent, None)  # what an uninstalled package looks like
+    assert cli.main(["--quick"]) == 1
+    assert capsys.readouterr().err == (f'error: python -m bench needs {absent}: '
+                                       f'pip install -e ".[bench]"\n')

@@ -13,14 +13,20 @@ import safetensors
 import safetensors.torch
 import torch
 
-from backpack_jax import checkpoint, model
-from backpack_jax.config import get_config
-from convert import ConversionError, from_state_dict, load_hf, save_hf, to_state_dict
+import convert
+from backpack_jax import checkpoint, hf, model
+from backpack_jax.config import get_model_config
+from backpack_jax.hf import ConversionError, from_state_dict, load_hf, save_hf, to_state_dict
+from backpack_jax.hf.files import read_tensors
+from bench.torch_reference import TorchBackpackLM, random_reference
 from convert import flax_to_hf, hf_to_flax
-from convert.hf_io import read_tensors
-from tests.hf_checkpoints import (LAYOUTS, TEST_CONFIGS, attention_buffers, write_config_json,
-                                  write_hf_checkpoint)
-from tests.torch_reference import TorchBackpackLM, random_reference
+from tests.hf_checkpoints import (
+    LAYOUTS,
+    TEST_CONFIGS,
+    attention_buffers,
+    write_config_json,
+    write_hf_checkpoint,
+)
 
 CONFIG = TEST_CONFIGS["odd"]
 
@@ -35,7 +41,7 @@ def assert_trees_equal(a, b):
     leaves_a = jax.tree_util.tree_flatten_with_path(a)[0]
     leaves_b = jax.tree_util.tree_flatten_with_path(b)[0]
     assert [p for p, _ in leaves_a] == [p for p, _ in leaves_b]
-    for (path, x), (_, y) in zip(leaves_a, leaves_b):
+    for (path, x), (_, y) in zip(leaves_a, leaves_b, strict=True):
         assert np.asarray(x).dtype == np.asarray(y).dtype == np.float32, path
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(path))
 
@@ -72,6 +78,11 @@ def test_half_precision_files_become_float32(dtype, tensors, tmp_path):
     assert_trees_equal(params, from_state_dict(rounded, CONFIG))
 
 
+def test_convert_reexports_the_conversion_api():
+    for name in convert.__all__:
+        assert getattr(convert, name) is getattr(hf, name), name
+
+
 def test_checkpoint_load_reads_hf_directories(tensors, tmp_path):
     write_hf_checkpoint(tmp_path, tensors, CONFIG, "bin_aliases")
     params, config = checkpoint.load(tmp_path)
@@ -92,8 +103,9 @@ def test_flax_hf_flax_round_trip_is_bit_exact(tmp_path):
 def test_saved_files_are_in_the_hf_layout(tensors, tmp_path):
     save_hf(from_state_dict(tensors, CONFIG), CONFIG, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
-    hf = json.loads((tmp_path / "config.json").read_text())
-    assert "auto_map" not in hf and hf["architectures"] == ["BackpackGPT2LMHeadModel"]
+    hf_config = json.loads((tmp_path / "config.json").read_text())
+    assert "auto_map" not in hf_config
+    assert hf_config["architectures"] == ["BackpackGPT2LMHeadModel"]
     with safetensors.safe_open(str(tmp_path / "model.safetensors"), framework="np") as f:
         assert f.metadata() == {"format": "pt"}  # transformers refuses files without it.
         saved = {k: f.get_tensor(k) for k in f.keys()}
@@ -138,6 +150,18 @@ def test_cli_reports_errors(tmp_path, capsys):
     assert "error:" in capsys.readouterr().err
     assert flax_to_hf.main([str(tmp_path / "missing"), str(tmp_path / "out")]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_checkpoint_of_another_shape_is_one_error_naming_the_parameters(tmp_path, capsys):
+    params = model.init(CONFIG, jax.random.PRNGKey(0))
+    checkpoint.save(tmp_path / "flax", params, CONFIG)
+    hf.write_config(tmp_path / "flax", CONFIG.replace(n_embd=2 * CONFIG.n_embd))
+    with pytest.raises(ValueError, match=r"does not hold the model its config.json describes "
+                                         r"\(\d+ parameter\(s\) differ\): backpack/"):
+        checkpoint.load(tmp_path / "flax")
+    assert flax_to_hf.main([str(tmp_path / "flax"), str(tmp_path / "hf")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "the config needs" in err
 
 
 @pytest.mark.slow
@@ -287,7 +311,7 @@ def test_real_backpack_gpt2():
     from backpack_jax.tokenizer import get_tokenizer
 
     params, config = load_hf(REAL_CHECKPOINT)
-    want = get_config("backpack_gpt2")
+    want = get_model_config("gpt2_small")
     assert (config.vocab_size, config.n_layer, config.n_embd, config.num_senses) == (
         want.vocab_size, want.n_layer, want.n_embd, want.num_senses)
     ref = TorchBackpackLM(config).eval()

@@ -358,6 +358,15 @@ def test_cli_prepare_and_inspect(corpus, tmp_path, capsys):
     assert exit_info.value.code == 0
 
 
+def test_cli_inspect_of_a_missing_dataset_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        data.main(["inspect", "nothing", "--data_dir", os.fspath(tmp_path)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: no prepared dataset 'nothing' in {tmp_path}; available: none. Make one with "
+        f"`python -m train.data prepare --source DIR --name NAME --data_dir {tmp_path}`\n")
+
+
 def test_data_dir_resolution(monkeypatch, tmp_path):
     monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
     assert data.resolve_data_dir(None) == Path("~/.cache/backpack_jax/tensorflow_datasets"

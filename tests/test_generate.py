@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from backpack_jax import checkpoint, generate, model, senses
-from backpack_jax.config import get_config
+from backpack_jax.config import get_model_config
 from backpack_jax.tokenizer import get_tokenizer
+from bench.torch_reference import random_reference
 from convert import from_state_dict
-from tests.torch_reference import random_reference
 
-CONFIG = get_config("tiny").replace(vocab_size=512, bos_token_id=0, eos_token_id=0)
+CONFIG = get_model_config("tiny").replace(vocab_size=512, bos_token_id=0, eos_token_id=0)
 PROMPTS = [[5, 17, 300, 42, 9, 101, 7], [250, 3], [77, 410, 12, 64]]
 N_NEW = 10  # one length budget for every batch of PROMPTS: compiled once
 
@@ -113,7 +113,7 @@ def test_rows_that_emit_eos_keep_emitting_it_and_decoding_stops_when_all_are_don
     greedy = generate.generate(params, CONFIG, PROMPTS, N_NEW).new_tokens
     eos = int(greedy[0, 3])
     out = generate.generate(params, CONFIG, PROMPTS, N_NEW, eos_id=eos)
-    for row, free in zip(out.new_tokens, greedy):
+    for row, free in zip(out.new_tokens, greedy, strict=True):
         hits = np.flatnonzero(free == eos)
         stop = hits[0] if hits.size else len(free)
         np.testing.assert_array_equal(row[:stop + 1], free[:stop + 1])
@@ -168,7 +168,7 @@ def test_text_stream_holds_back_partial_utf8():
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    config = get_config("tiny")
+    config = get_model_config("tiny")
     path = tmp_path_factory.mktemp("ckpt") / "tiny"
     checkpoint.save(path, jax.jit(model.init, static_argnums=0)(config, jax.random.PRNGKey(0)),
                     config)
@@ -192,3 +192,15 @@ def test_cli_errors_name_the_problem(tiny_checkpoint, tmp_path, capsys):
     with pytest.raises(SystemExit):
         generate.main(["--checkpoint", str(tiny_checkpoint), "--prompt", "hi " * 200])
     assert "no room for new tokens" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--top_p", "1.5"], "top_p must be in (0, 1]"), (["--top_p", "0"], "top_p must be in (0, 1]"),
+    (["--top_k", "-3"], "top_k must be"), (["--temperature", "-1"], "temperature must be"),
+])
+def test_cli_validates_sampling_flags_like_the_api(tiny_checkpoint, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        generate.main(["--checkpoint", str(tiny_checkpoint), "--prompt", "hi", *flags])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and captured.out == ""

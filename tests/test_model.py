@@ -5,7 +5,6 @@ read back with `load_hf`, so names, transposes and aliases are checked on the wa
 """
 
 import functools
-import itertools
 
 import jax
 import jax.numpy as jnp
@@ -14,10 +13,10 @@ import pytest
 import torch
 
 from backpack_jax import model
-from backpack_jax.config import get_config
+from backpack_jax.config import get_model_config
+from bench.torch_reference import random_reference
 from convert import from_state_dict, load_hf
 from tests.hf_checkpoints import LAYOUTS, TEST_CONFIGS, write_hf_checkpoint
-from tests.torch_reference import random_reference
 from train.loss import cross_entropy
 
 LOGIT_RTOL = 1e-4  # max |dlogits| <= LOGIT_RTOL * max |logits|
@@ -33,7 +32,7 @@ def _reference(name: str):
 @pytest.fixture(scope="module")
 def full_size():
     """The real checkpoint's shape (170M random parameters), freed after this module."""
-    config = get_config("backpack_gpt2")
+    config = get_model_config("gpt2_small")
     return config, random_reference(config, seed=0)
 
 
@@ -86,13 +85,18 @@ def _params(name):
     return config, ref, from_state_dict(ref.canonical_tensors(), config)
 
 
+KERNELS = pytest.mark.parametrize("kernels", [model.PLAIN, model.XLA_CPU], ids=["plain", "xla_cpu"])
+
+
+@KERNELS
 @pytest.mark.parametrize("batch, seq", [(1, 1), (1, 5), (2, 4)])
-def test_parity_for_decode_sized_inputs(batch, seq):
-    """At most 8 tokens take the decode-step paths: model.Dense's split matrix-vector products
-    and, for one position, the per-sense mix."""
+def test_parity_for_decode_sized_inputs(batch, seq, kernels):
+    """At most 8 tokens take XLA:CPU's decode-step forms: split matrix-vector products and, for
+    one position, the per-sense mix."""
     config, ref, params = _params("odd")
     ids = _ids(config, batch, seq, seed=2)
-    out = model.apply(params, jnp.asarray(ids), config, return_contextualization=True)
+    out = model.apply(params, jnp.asarray(ids), config, return_contextualization=True,
+                      kernels=kernels)
     _compare(f"odd/{batch}x{seq}", out.logits, out.contextualization, *_run_reference(ref, ids))
 
 
@@ -130,41 +134,6 @@ def test_custom_contextualization_matches_reference():
     assert np.abs(out.logits - ref_logits).max() <= LOGIT_RTOL * np.abs(ref_logits).max()
 
 
-@pytest.mark.parametrize("batch, seq, tokens, rows", [(8, 512, 512, 1), (6, 4, 10, 2),
-                                                      (7, 64, 512, 7), (16, 64, 512, 8),
-                                                      (997, 1, 512, 512), (3, 600, 512, 1)])
-def test_rows_per_chunk(batch, seq, tokens, rows, monkeypatch):
-    monkeypatch.setattr(model, "CPU_TOKENS_PER_CHUNK", tokens)
-    assert model._rows_per_chunk(batch, seq) == rows
-
-
-@pytest.fixture
-def two_row_chunks(monkeypatch):
-    """4-token rows run 2 at a time; compilations under this setting are dropped afterwards."""
-    monkeypatch.setattr(model, "CPU_TOKENS_PER_CHUNK", 10)
-    model._apply.clear_cache()
-    yield
-    model._apply.clear_cache()
-
-
-@pytest.mark.parametrize("batch", [6, 7])  # 3 chunks of 2 rows; the same and one row more
-def test_forward_in_row_chunks_matches_reference(batch, two_row_chunks):
-    """On CPU a batch runs in chunks of whole rows; every output is that of the whole batch."""
-    config, ref, params = _params("odd")
-    ids = _ids(config, batch, 4, seed=4)
-    out = model.apply(params, jnp.asarray(ids), config, return_contextualization=True,
-                      return_senses=True)
-    _compare("odd/row chunks", out.logits, out.contextualization, *_run_reference(ref, ids))
-    with torch.no_grad():
-        want = ref.senses(torch.as_tensor(ids)).numpy()
-    np.testing.assert_allclose(out.senses, want, rtol=0, atol=1e-5 * np.abs(want).max())
-    alpha = np.random.RandomState(5).dirichlet(np.ones(4), size=(batch, config.num_senses, 4))
-    alpha = alpha.astype(np.float32)
-    out = model.apply(params, jnp.asarray(ids), config, contextualization=jnp.asarray(alpha))
-    ref_logits, _ = _run_reference(ref, ids, contextualization=alpha)
-    assert np.abs(out.logits - ref_logits).max() <= LOGIT_RTOL * np.abs(ref_logits).max()
-
-
 def test_reference_uses_eager_attention_with_layer_scaling():
     """Guards the reference itself: SDPA once ignored scale_attn_by_inverse_layer_idx."""
     config, ref = _reference("odd")
@@ -185,68 +154,42 @@ def _logits(params, ids, config, **kwargs):
     return np.asarray(model.apply(params, jnp.asarray(ids), config, **kwargs).logits)
 
 
-def test_dropout_is_stochastic_and_reproducible():
+@KERNELS
+def test_dropout_is_stochastic_and_reproducible(kernels):
     config, _, params = _params("odd")
     ids = _ids(config, 2, 8)
     key, other = jax.random.PRNGKey(0), jax.random.PRNGKey(1)
-    a = _logits(params, ids, config, train=True, rng=key)
-    np.testing.assert_array_equal(a, _logits(params, ids, config, train=True, rng=key))
-    assert not np.allclose(a, _logits(params, ids, config, train=True, rng=other))
-    assert not np.allclose(a, _logits(params, ids, config))
+    a = _logits(params, ids, config, train=True, rng=key, kernels=kernels)
+    np.testing.assert_array_equal(a, _logits(params, ids, config, train=True, rng=key,
+                                             kernels=kernels))
+    assert not np.allclose(a, _logits(params, ids, config, train=True, rng=other,
+                                      kernels=kernels))
+    assert not np.allclose(a, _logits(params, ids, config, kernels=kernels))
     with pytest.raises(ValueError, match="rng"):
         model.apply(params, jnp.asarray(ids), config, train=True)
 
 
+@KERNELS
 @pytest.mark.parametrize("site", ["embd_pdrop", "resid_pdrop", "attn_pdrop"])
-def test_each_dropout_site_acts_alone_and_zero_rate_is_eval(site):
+def test_each_dropout_site_acts_alone_and_zero_rate_is_eval(site, kernels):
     config, _, params = _params("odd")
     silent = config.replace(embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0)
     ids = _ids(config, 2, 8)
     key = jax.random.PRNGKey(2)
-    eval_logits = _logits(params, ids, silent)
-    np.testing.assert_allclose(_logits(params, ids, silent, train=True, rng=key), eval_logits,
+    eval_logits = _logits(params, ids, silent, kernels=kernels)
+    np.testing.assert_allclose(_logits(params, ids, silent, train=True, rng=key,
+                                       kernels=kernels), eval_logits,
                                rtol=0, atol=1e-6 * np.abs(eval_logits).max())
     one = silent.replace(**{site: 0.3})
-    assert not np.allclose(_logits(params, ids, one, train=True, rng=key), eval_logits)
+    assert not np.allclose(_logits(params, ids, one, train=True, rng=key, kernels=kernels),
+                           eval_logits)
 
 
-# Last axis a multiple of 4 (one threefry block per 4 elements), only of 2, odd; a key of
-# another PRNG implementation always takes jax.random.bits.
-@pytest.mark.parametrize("shape, impl", [((4, 64, 2048), None), ((512, 1026), None),
-                                         ((3, 1001), None), ((64, 2048), "rbg")])
-@pytest.mark.parametrize("rate", [0.1, 0.3])
-def test_dropout_drops_at_its_rate_and_is_unbiased(shape, impl, rate):
-    x = jnp.ones(shape, jnp.float32)
-    key = jax.random.PRNGKey(0) if impl is None else jax.random.key(0, impl=impl)
-    y = np.asarray(model.Dropout(rate).apply({}, x, False, rngs={"dropout": key}))
-    keep_prob = 1 - round(rate * 2 ** 16) / 2 ** 16
-    kept = y != 0
-    np.testing.assert_allclose(y[kept], 1 / keep_prob, rtol=1e-6)
-    n = y.size  # the dropped fraction is within 4 binomial standard deviations of the rate
-    assert abs((~kept).mean() - rate) < 4 * np.sqrt(rate * (1 - rate) / n)
-    assert abs(y.mean() - 1) < 4 * np.sqrt(rate / (1 - rate) / n)
-    group = 4 if shape[-1] % 4 == 0 else 2 if shape[-1] % 2 == 0 else 1
-    dropped = (~kept).reshape(-1, group)  # The levels cut from one block or word drop
-    for i, j in itertools.combinations(range(group), 2):  # independently of each other.
-        both = (dropped[:, i] & dropped[:, j]).mean()
-        assert abs(both - rate ** 2) < 4 * np.sqrt(rate ** 2 / dropped.shape[0]), (i, j)
-    np.testing.assert_array_equal(model.Dropout(rate).apply({}, x, True), x)
-
-
-def test_tied_lm_head_gradients_equal_autodiff_of_the_product():
-    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
-    o, wte = jax.random.normal(k1, (2, 5, 8)), jax.random.normal(k2, (11, 8))
-    cotangent = jax.random.normal(k3, (2, 5, 11))
-    custom = jax.grad(lambda o, w: jnp.sum(model._tied_lm_head(o, w) * cotangent), (0, 1))
-    plain = jax.grad(lambda o, w: jnp.sum(jnp.einsum("bsd,vd->bsv", o, w) * cotangent), (0, 1))
-    for got, want in zip(custom(o, wte), plain(o, wte)):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-
-
+@KERNELS
 @pytest.mark.parametrize("name", sorted(TEST_CONFIGS))
-def test_gradients_match_reference(name):
+def test_gradients_match_reference(name, kernels):
     """d(mean next-token cross-entropy)/d(every parameter) against torch autograd of the
-    reference: covers every custom VJP and CPU-only gradient path of the model."""
+    reference, with the plain forms and with XLA:CPU's custom VJPs."""
     config, ref, params = _params(name)
     ids = _ids(config, 2, 9, seed=4)
     inputs, targets = ids[:, :-1], ids[:, 1:]
@@ -259,7 +202,7 @@ def test_gradients_match_reference(name):
                            config)
 
     def loss(p):
-        logits = model.apply(p, jnp.asarray(inputs), config).logits
+        logits = model.apply(p, jnp.asarray(inputs), config, kernels=kernels).logits
         return cross_entropy(logits, jnp.asarray(targets))
 
     got = jax.jit(jax.grad(loss))(params)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from backpack_jax import generate, model, sense_table
-from backpack_jax.config import get_config
+from backpack_jax.config import get_model_config
 
-CONFIG = get_config("tiny").replace(vocab_size=300, bos_token_id=0, eos_token_id=0)
+CONFIG = get_model_config("tiny").replace(vocab_size=300, bos_token_id=0, eos_token_id=0)
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 from backpack_jax import checkpoint, model, senses
-from backpack_jax.config import get_config
+from backpack_jax.config import get_model_config
 from backpack_jax.tokenizer import get_tokenizer
+from bench.torch_reference import random_reference
 from convert import from_state_dict
-from tests.torch_reference import random_reference
 
-SMALL = get_config("tiny").replace(vocab_size=512, bos_token_id=0, eos_token_id=0)
+SMALL = get_model_config("tiny").replace(vocab_size=512, bos_token_id=0, eos_token_id=0)
 IDS = np.array([[5, 17, 300, 17, 9, 101, 7, 42]])
 
 
@@ -24,7 +24,7 @@ def params():
 @pytest.fixture(scope="module")
 def tiny():
     """The `tiny` preset with the GPT-2 vocabulary, saved like a converted model."""
-    config = get_config("tiny")
+    config = get_model_config("tiny")
     return jax.jit(model.init, static_argnums=0)(config, jax.random.PRNGKey(0)), config
 
 
@@ -71,9 +71,9 @@ def test_projection_ranks_the_vocabulary_by_embedding_dot_sense(params):
     projection = senses.project_senses(params, senses_KxD, top=6, vocab_limit=500)
     logits_KxV = np.asarray(senses_KxD, np.float64) @ embedding(params)[:500].T
     order = np.argsort(-logits_KxV, axis=1)
-    np.testing.assert_array_equal(projection.promoted_ids_KxN, order[:, :6])
-    np.testing.assert_array_equal(projection.suppressed_ids_KxN, order[:, ::-1][:, :6])
-    np.testing.assert_allclose(projection.promoted_logits_KxN,
+    np.testing.assert_array_equal(projection.promoted_ids_KxW, order[:, :6])
+    np.testing.assert_array_equal(projection.suppressed_ids_KxW, order[:, ::-1][:, :6])
+    np.testing.assert_allclose(projection.promoted_logits_KxW,
                                np.take_along_axis(logits_KxV, order[:, :6], 1), rtol=1e-5)
     with pytest.raises(ValueError, match="top must be in"):
         senses.project_senses(params, senses_KxD, top=0)
@@ -161,7 +161,7 @@ def test_topic_control_raises_probability_of_topic_words(params):
                                         progress=False)
     scale = np.asarray(control.intervention.scale_VxK)
     assert (scale == 3.0).sum() == 150 and np.isin(scale, [1.0, 3.0]).all()
-    assert (np.diff(control.scores_N) <= 0).all()
+    assert (np.diff(control.scores_R) <= 0).all()
     contexts = rng.integers(0, SMALL.vocab_size, (16, 24))
 
     def topic_mass(edit):

@@ -1,10 +1,11 @@
 """End to end: `python -m train.run` on the embedded corpus with a very small model.
 
 Checks resume after SIGTERM and SIGKILL (same losses as an uninterrupted run), two processes
-with CPU collectives, NaN handling, an interrupted checkpoint write, `--init_from`, and
-`python -m train.eval`.
+with CPU collectives, NaN handling, an interrupted checkpoint write, `--init_from`,
+`python -m train.eval`, and that both entry points report a user's mistake in one line.
 """
 
+import json
 import math
 import os
 import pathlib
@@ -18,14 +19,15 @@ import jax
 import numpy as np
 import pytest
 
-from backpack_jax import checkpoint, model
-from train import configs, data, metrics
+from backpack_jax import checkpoint, hf, model
+from backpack_jax.config import get_config, get_model_config
+from train import data, metrics
 from train.loss import cross_entropy
 from train.run import TrainingDiverged, main, train
 
-pytestmark = pytest.mark.slow
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+# A workdir written before the one-config change (see tests/fixtures/README.md).
+OLD_WORKDIR = ROOT / "tests" / "fixtures" / "tiny_workdir_caeb19e"
 STEPS = 30
 OVERRIDES = {"model.n_embd": 32, "model.n_layer": 1, "seq_len": 32, "batch_size": 4,
              "steps": STEPS, "warmup_steps": 2, "log_every": 1, "eval_every": 15,
@@ -34,9 +36,8 @@ ARGS = ["--config=tiny"] + [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
 
 
 def _config(**changes):
-    cfg = configs.get_config("tiny")
-    for key, value in {**OVERRIDES, **changes}.items():
-        configs.apply_override(cfg, key, str(value))
+    cfg = get_config("tiny")
+    cfg.update_from_flattened_dict({**OVERRIDES, **changes})
     return cfg
 
 
@@ -88,6 +89,7 @@ def uninterrupted(tmp_path_factory, cache):
     return workdir, out
 
 
+@pytest.mark.slow
 def test_run_logs_checkpoints_and_plots(uninterrupted):
     workdir, out = uninterrupted
     losses = _losses(workdir)
@@ -100,10 +102,11 @@ def test_run_logs_checkpoints_and_plots(uninterrupted):
     assert curve.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"checkpoint: {workdir}/checkpoints/{STEPS}" in out and str(curve) in out
     params, cfg = checkpoint.load(workdir)  # The shared on-disk format reads a training run.
-    assert cfg == configs.model_from_config(_config())
+    assert cfg == get_model_config(_config())
     assert np.isfinite(params["backpack"]["gpt2_model"]["wte"]["embedding"]).all()
 
 
+@pytest.mark.slow
 def test_preempted_then_killed_run_resumes_with_the_same_losses(uninterrupted, cache, tmp_path):
     workdir = tmp_path / "resumed"
     proc = _start(workdir, cache)
@@ -126,6 +129,7 @@ def test_preempted_then_killed_run_resumes_with_the_same_losses(uninterrupted, c
     assert _losses(workdir) == _losses(uninterrupted[0])
 
 
+@pytest.mark.slow
 def test_two_processes_log_the_same_losses_as_one(uninterrupted, cache, tmp_path):
     workdir = tmp_path / "two_processes"
     procs = [_start(workdir, cache, {"JAX_COORDINATOR_ADDRESS": "localhost:23571",
@@ -143,6 +147,7 @@ def test_two_processes_log_the_same_losses_as_one(uninterrupted, cache, tmp_path
         np.testing.assert_allclose(two[step][0], one[step][0], atol=1e-5 if step <= 10 else 1e-3)
 
 
+@pytest.mark.slow
 def test_interrupted_checkpoint_write_keeps_the_previous_one(uninterrupted, tmp_path):
     workdir = tmp_path / "interrupted"
     shutil.copytree(uninterrupted[0], workdir)
@@ -150,12 +155,12 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(uninterrupted, tmp_
     script = f"""
 import os, jax
 from orbax.checkpoint._src.path import atomicity
-from train import configs, optim, sharding, step
+from backpack_jax.config import get_config, get_model_config
+from train import optim, sharding, step
 from train.checkpoints import TrainCheckpoints
-cfg = configs.get_config("tiny")
-for k, v in {OVERRIDES!r}.items():
-    configs.apply_override(cfg, k, str(v))
-model_cfg = configs.model_from_config(cfg)
+cfg = get_config("tiny")
+cfg.update_from_flattened_dict({OVERRIDES!r})
+model_cfg = get_model_config(cfg)
 abstract = step.abstract_state(cfg, model_cfg, optim.make_optimizer(cfg))
 shardings = step.state_shardings(abstract, sharding.make_mesh((1, 1, 1)))
 ckpts = TrainCheckpoints({str(workdir)!r}, 3)
@@ -180,6 +185,7 @@ ckpts.wait_until_finished()
     jax.tree.map(np.testing.assert_array_equal, loaded, previous)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     cfg = _config(lr=1e12, warmup_steps=0, checkpoint_every=1, steps=8, eval_every=100)
     with pytest.raises(TrainingDiverged) as e:
@@ -193,6 +199,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
+@pytest.mark.slow
 def test_init_from_a_converted_model(uninterrupted, tmp_path):
     params, model_cfg = checkpoint.load(uninterrupted[0])
     converted = tmp_path / "converted"
@@ -210,6 +217,7 @@ def test_init_from_a_converted_model(uninterrupted, tmp_path):
         train(_config(**{"model.n_layer": 2}), tmp_path / "mismatch", init_from=str(converted))
 
 
+@pytest.mark.slow
 def test_eval_cli_reproduces_the_logged_heldout_loss(uninterrupted, capsys, tmp_path):
     workdir, _ = uninterrupted
     logged = _losses(workdir)[STEPS][1]
@@ -229,8 +237,63 @@ def test_eval_cli_reproduces_the_logged_heldout_loss(uninterrupted, capsys, tmp_
     assert f"held-out loss {loss:.4f}" in capsys.readouterr().out
 
 
-def test_bad_override_stops_before_any_work(tmp_path, capsys):
+@pytest.mark.parametrize("override,message", [
+    ("--config.model.n_layr=2", "error: unknown config field 'n_layr'; Did you mean \"n_layer\""),
+    ("--config.stepz=3", "error: unknown config field 'stepz'"),
+    ("--config.steps=abc", "error: flag --config.steps=abc: invalid literal for int()"),
+    ("--config.steps=1.5", "error: flag --config.steps=1.5:"),
+])
+def test_bad_override_stops_before_any_work(tmp_path, capsys, override, message):
     with pytest.raises(SystemExit) as e:
-        main(["--config=tiny", "--config.model.n_layr=2", f"--workdir={tmp_path / 'w'}"])
-    assert "unknown config field 'model.n_layr'" in str(e.value.code)
+        main(["--config=tiny", override, f"--workdir={tmp_path / 'w'}"])
+    assert e.value.code == 2
+    error, usage = capsys.readouterr().err.splitlines()
+    assert error.startswith(message) and usage.startswith("usage: python -m train.run")
     assert not (tmp_path / "w").exists()
+
+
+def _one_line_error(entry_point, argv):
+    """The message an entry point exits with, checked to be one `error: ...` line."""
+    with pytest.raises(SystemExit) as e:
+        entry_point(argv)
+    message = str(e.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+def test_missing_openwebtext_is_one_line_and_writes_nothing(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "train.run", "--config=gpt2_small",
+         f"--config.data_dir={tmp_path}", f"--workdir={tmp_path / 'w'}"],
+        cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+        timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.splitlines()[-1].startswith(
+        f"error: no prepared dataset 'openwebtext' in {tmp_path}; available: none."), proc.stderr
+    assert not (tmp_path / "w").exists()
+
+
+def test_bad_init_from_is_one_line(tmp_path):
+    args = ARGS + [f"--workdir={tmp_path / 'w'}"]
+    message = _one_line_error(main, args + [f"--init_from={tmp_path / 'nothing'}"])
+    assert message == f"error: checkpoint path {tmp_path / 'nothing'} does not exist"
+    message = _one_line_error(main, args + [f"--init_from={OLD_WORKDIR}"])
+    assert message.startswith(f"error: --init_from={OLD_WORKDIR}: its architecture differs")
+    assert "'n_embd': (4, 32)" in message
+    assert not (tmp_path / "w").exists()
+
+
+def test_eval_errors_are_one_line(tmp_path):
+    from train import eval as train_eval
+    message = _one_line_error(train_eval.main, ["--checkpoint", str(tmp_path / "nothing")])
+    assert message == f"error: checkpoint path {tmp_path / 'nothing'} does not exist"
+    message = _one_line_error(train_eval.main, ["--checkpoint", str(OLD_WORKDIR), "--data",
+                                                "nothing", "--data_dir", str(tmp_path)])
+    assert message.startswith(f"error: no prepared dataset 'nothing' in {tmp_path}")
+    # A config.json that does not describe the saved parameters.
+    mismatch = tmp_path / "mismatch"
+    shutil.copytree(OLD_WORKDIR, mismatch)
+    config = json.loads((mismatch / hf.CONFIG_FILE).read_text())
+    (mismatch / hf.CONFIG_FILE).write_text(json.dumps({**config, "n_embd": 16}))
+    message = _one_line_error(train_eval.main, ["--checkpoint", str(mismatch)])
+    assert "does not hold the model its config.json describes" in message, message

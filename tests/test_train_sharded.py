@@ -27,15 +27,16 @@ RUNS = [
 def _losses(mesh_shape, overrides, devices):
     import numpy as np
 
-    from train import configs, optim, sharding, step
+    from backpack_jax.config import get_config, get_model_config
+    from train import optim, sharding, step
 
-    cfg = configs.get_config("tiny")
+    cfg = get_config("tiny")
     cfg.model.update(vocab_size=VOCAB, bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1,
                      n_positions=32, n_embd=32, n_layer=2,
                      resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
     cfg.update(seq_len=32, batch_size=16, steps=10, warmup_steps=0, lr=1e-2, mesh_shape=mesh_shape)
     cfg.update(overrides)
-    model_cfg = configs.model_from_config(cfg)
+    model_cfg = get_model_config(cfg)
     mesh = sharding.make_mesh(cfg.mesh_shape, devices[:math.prod(mesh_shape)])
     optimizer = optim.make_optimizer(cfg)
     shardings = step.state_shardings(step.abstract_state(cfg, model_cfg, optimizer), mesh)
@@ -73,7 +74,7 @@ def results():
     proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, cwd=root,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
 
 
@@ -87,7 +88,7 @@ def test_one_device_run_learns(results):
 def test_losses_match_one_device(results, name):
     losses, expected = results[name]["losses"], results["one_device"]["losses"]
     assert len(losses) == STEPS
-    for got, want in zip(losses, expected):
+    for got, want in zip(losses, expected, strict=True):
         assert abs(got - want) < 1e-5, (name, losses, expected)
 
 

@@ -5,19 +5,20 @@ import numpy as np
 import pytest
 
 from backpack_jax import model
-from train import configs, optim, sharding, step
+from backpack_jax.config import get_config, get_model_config
+from train import optim, sharding, step
 from train.loss import cross_entropy
 
 VOCAB = 256
 
 
 def _setup(**overrides):
-    cfg = configs.get_config("tiny")
+    cfg = get_config("tiny")
     cfg.model.update(vocab_size=VOCAB, bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1,
                      n_positions=16, n_embd=32, n_layer=1)
     cfg.update(seq_len=16, batch_size=8, steps=10, warmup_steps=0, lr=1e-2, mesh_shape=(1, 1, 1))
     cfg.update(overrides)
-    model_cfg = configs.model_from_config(cfg)
+    model_cfg = get_model_config(cfg)
     mesh = sharding.make_mesh(cfg.mesh_shape)
     optimizer = optim.make_optimizer(cfg)
     shardings = step.state_shardings(step.abstract_state(cfg, model_cfg, optimizer), mesh)
@@ -79,7 +80,7 @@ def test_bfloat16_compute_with_float32_master_weights(reference):
 
 @pytest.mark.parametrize("remat", ["none", "full"])
 def test_remat_wraps_each_transformer_block(remat):
-    model_cfg = configs.model_from_config(configs.get_config("tiny"))
+    model_cfg = get_model_config("tiny")
     lm = step.make_model(model_cfg, "float32", remat)
     params = jax.eval_shape(model.init, model_cfg, jax.random.PRNGKey(0))
     ids = jax.ShapeDtypeStruct((2, 8), np.int32)
@@ -94,9 +95,9 @@ def test_remat_wraps_each_transformer_block(remat):
 
 def test_gpt2_small_train_step_lowers():
     """The paper-size preset builds: 170.08M parameters, 1024 x 512 tokens in 64 micro-batches."""
-    cfg = configs.get_config("gpt2_small")
+    cfg = get_config("gpt2_small")
     cfg.remat = "dots_with_no_batch_dims_saveable"
-    model_cfg = configs.model_from_config(cfg)
+    model_cfg = get_model_config(cfg)
     mesh = sharding.make_mesh(cfg.mesh_shape)
     optimizer = optim.make_optimizer(cfg)
     abstract = step.abstract_state(cfg, model_cfg, optimizer)

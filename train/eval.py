@@ -11,12 +11,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
-from typing import Callable
-
-from backpack_jax import huge_pages
-
-if __name__ == "__main__":  # glibc reads its tunables at start-up: before jax is loaded
-    huge_pages.reexec_with_huge_pages()
+import sys
+from collections.abc import Callable
 
 import jax
 from jax.sharding import Mesh
@@ -69,6 +65,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.batches is not None and args.batches < 1:
         parser.error(f"--batches must be positive, got {args.batches}")
 
+    try:
+        _evaluate(parser, args)
+    except (FileNotFoundError, ValueError) as e:  # A bad path, checkpoint or dataset: not a bug.
+        sys.exit(f"error: {e}")
+
+
+def _evaluate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     params, model_cfg = checkpoint.load(args.checkpoint)
     seq_len = args.seq_len or min(512, model_cfg.n_positions)
     if not 0 < seq_len <= model_cfg.n_positions:

@@ -1,4 +1,7 @@
-"""Throughput and model-FLOPs utilisation, the metrics.jsonl log and the loss-curve plot."""
+"""Devices' peak FLOP/s for model-FLOPs utilisation, the metrics.jsonl log, the loss-curve plot.
+
+The FLOP counts per token are `backpack_jax.flops`.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +9,6 @@ import json
 import os
 import pathlib
 from typing import Any
-
-from backpack_jax.config import BackpackConfig
 
 METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "loss_curve.png"
@@ -38,29 +39,6 @@ def peak_flops_per_device(device_kind: str, override: float | None = None) -> fl
         if device_kind.startswith(prefix):
             return flops
     return None
-
-
-def sense_network_macs_per_token(config: BackpackConfig) -> int:
-    """Multiply-adds of the sense network for one token (what a sense table saves)."""
-    d, scale = config.n_embd, config.sense_intermediate_scale
-    return 2 * d * 4 * d + d * scale * d + scale * d * config.num_senses * d
-
-
-def train_flops_per_token(config: BackpackConfig, seq_len: int) -> float:
-    """Model FLOPs of one training token (forward + backward = 3 x forward), no remat.
-
-    Matrix multiplies only: 2 FLOPs per multiply-add. Per token the forward pass multiplies by
-    every linear weight once (GPT-2 blocks, sense network, weight network, tied LM head); causal
-    attention is counted at full length, as is usual for MFU. About 1.11 GFLOP for
-    Backpack-Small at 512 tokens (/work/shared/BACKPACK.md section 4).
-    """
-    d, k = config.n_embd, config.num_senses
-    block = d * 3 * d + d * d + 2 * d * config.inner_dim
-    linear = (config.n_layer * block + sense_network_macs_per_token(config) + d * 2 * d
-              + config.vocab_size * d)
-    attention = config.n_layer * 2 * seq_len * d  # q.k and probs.v
-    backpack = seq_len * d + k * seq_len * d  # weight-network scores, alpha @ senses
-    return 3 * 2 * (linear + attention + backpack)
 
 
 class MetricsLog:
@@ -111,9 +89,9 @@ def plot_loss_curve(workdir: str | os.PathLike) -> pathlib.Path:
     heldout = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if train:
-        ax.plot(*zip(*train), label="train loss")
+        ax.plot(*zip(*train, strict=True), label="train loss")
     if heldout:
-        ax.plot(*zip(*heldout), "o-", label="held-out loss")
+        ax.plot(*zip(*heldout, strict=True), "o-", label="held-out loss")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.grid(alpha=0.3)

@@ -1,8 +1,10 @@
 """Train a Backpack language model.
 
-    python -m train.run --config=tiny --workdir=/tmp/backpack_tiny [--init_from=PATH]
-                        [--config.FIELD=VALUE ...]
+    python -m train.run --config=NAME [--workdir=DIR] [--init_from=PATH] [--config.FIELD=VALUE ...]
 
+NAME is a preset of `backpack_jax.config` (gpt2_small, gpt2_mini, gpt2_micro, tiny);
+`--config.FIELD=VALUE` overrides one of its fields (nested: `--config.model.n_layer=3`), parsed
+and type-checked by ml_collections' `config_flags`. The workdir defaults to /tmp/backpack_NAME.
 A workdir that already holds checkpoints is resumed from its latest step (same losses as an
 uninterrupted run). SIGTERM saves a checkpoint and exits cleanly; a NaN or infinite loss stops
 the run, keeping the last good checkpoint.
@@ -18,27 +20,34 @@ import pathlib
 import signal
 import sys
 import time
+from collections.abc import Callable, Mapping
 from typing import Any
-
-from backpack_jax import huge_pages
-
-if __name__ == "__main__":  # glibc reads its tunables at start-up: before jax is loaded
-    huge_pages.reexec_with_huge_pages()
 
 import jax
 import ml_collections
+from absl import flags
 from jax.experimental import multihost_utils
+from ml_collections import config_flags
 from tqdm import tqdm
 
-from backpack_jax import checkpoint
-from backpack_jax.config import BackpackConfig
-from train import configs, data, optim, sharding
+from backpack_jax import checkpoint, hf
+from backpack_jax.config import PRESETS, BackpackConfig, get_config, get_model_config
+from backpack_jax.flops import train_flops_per_token
+from train import data, optim, sharding
 from train.checkpoints import TrainCheckpoints
+from train.configs import validate
 from train.eval import heldout_loss
-from train.metrics import (MetricsLog, peak_flops_per_device, plot_loss_curve, read_metrics,
-                           train_flops_per_token)
-from train.step import (abstract_state, accumulation, global_batch, init_state, make_eval_step,
-                        make_model, make_train_step, state_shardings)
+from train.metrics import MetricsLog, peak_flops_per_device, plot_loss_curve, read_metrics
+from train.step import (
+    abstract_state,
+    accumulation,
+    global_batch,
+    init_state,
+    make_eval_step,
+    make_model,
+    make_train_step,
+    state_shardings,
+)
 
 TRAIN_CONFIG_FILE = "train_config.json"
 DROPOUT_FIELDS = ("resid_pdrop", "embd_pdrop", "attn_pdrop")
@@ -70,13 +79,17 @@ class _Preemption:
         return self.requested
 
 
+def _differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> dict[str, tuple]:
+    """{key: (saved value, current value)} for every key whose values differ."""
+    return {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now))
+            if saved.get(k) != now.get(k)}
+
+
 def _initial_params(init_from: str, model_cfg: BackpackConfig):
     """Parameters of a converted / trained checkpoint whose architecture matches the config."""
     params, loaded = checkpoint.load(init_from)
-    differ = {f.name: (getattr(loaded, f.name), getattr(model_cfg, f.name))
-              for f in dataclasses.fields(BackpackConfig)
-              if f.name not in DROPOUT_FIELDS
-              and getattr(loaded, f.name) != getattr(model_cfg, f.name)}
+    differ = _differences(dataclasses.asdict(loaded), dataclasses.asdict(model_cfg))
+    differ = {k: v for k, v in differ.items() if k not in DROPOUT_FIELDS}
     if differ:
         raise ValueError(f"--init_from={init_from}: its architecture differs from the config's "
                          f"model (checkpoint, config): {differ}")
@@ -89,8 +102,11 @@ def _check_train_config(workdir: pathlib.Path, config: ml_collections.ConfigDict
     now = json.loads(config.to_json())
     if path.exists():
         saved = json.loads(path.read_text())
-        differ = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now))
-                  if saved.get(k) != now.get(k)}
+        # The saved model is read as a config.json is, by the same rule: a field removed because
+        # it never changed the model (recorded with its one implemented value) still resumes.
+        saved["model"] = dataclasses.asdict(BackpackConfig.from_hf_dict(saved["model"]))
+        now["model"] = dataclasses.asdict(get_model_config(config))
+        differ = _differences(saved, now)
         if differ:
             raise ValueError(f"{workdir} holds a run with another config (saved, now): {differ}; "
                              "use a new --workdir")
@@ -100,28 +116,48 @@ def _check_train_config(workdir: pathlib.Path, config: ml_collections.ConfigDict
         os.replace(tmp, path)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, init_from: str | None = None
-          ) -> dict[str, Any]:
-    """Runs (or resumes) training; returns a summary with the last losses and paths."""
-    configs.validate(config)
+@dataclasses.dataclass
+class _Run:
+    """A run ready to train: everything the user's input could make fail is done."""
+
+    config: ml_collections.ConfigDict
+    workdir: pathlib.Path
+    mesh: Any
+    batches: data.BatchIterator
+    state: Any
+    ckpts: TrainCheckpoints
+    train_step: Callable
+    eval_step: Callable
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str, init_from: str | None = None
+            ) -> _Run:
+    """Validates the config, opens the data, loads `init_from` or the latest checkpoint.
+
+    Raises FileNotFoundError or ValueError naming the user's mistake. The dataset and
+    `init_from` are read before the workdir is written, so that a mistake in either leaves
+    nothing behind that a corrected command would have to match.
+    """
+    validate(config)
     workdir = pathlib.Path(workdir).expanduser().absolute()
     primary = jax.process_index() == 0
-    model_cfg = configs.model_from_config(config)
+    model_cfg = get_model_config(config)
     mesh = sharding.make_mesh(config.mesh_shape)
     accum, micro = accumulation(config, sharding.batch_devices(mesh))
-    if primary:
-        workdir.mkdir(parents=True, exist_ok=True)
-    _check_train_config(workdir, config)
-    if primary:
-        checkpoint.write_config(workdir, model_cfg)
-
-    optimizer, schedule = optim.make_optimizer(config), optim.make_schedule(config)
-    ckpts = TrainCheckpoints(workdir, config.keep_checkpoints)
     batches = data.make_batches(config.data, data.TRAIN, seq_len=config.seq_len,
                                 batch_size=config.batch_size, seed=config.seed,
                                 data_dir=config.data_dir, process_index=jax.process_index(),
                                 process_count=jax.process_count())
-    preemption = _Preemption()
+    resuming = checkpoint.latest_step_dir(workdir) is not None
+    params = _initial_params(init_from, model_cfg) if init_from and not resuming else None
+    if primary:
+        workdir.mkdir(parents=True, exist_ok=True)
+    _check_train_config(workdir, config)
+    if primary:
+        hf.write_config(workdir, model_cfg)
+
+    optimizer, schedule = optim.make_optimizer(config), optim.make_schedule(config)
+    ckpts = TrainCheckpoints(workdir, config.keep_checkpoints)
     latest = ckpts.latest_step()
     abstract = abstract_state(config, model_cfg, optimizer)
     shardings = state_shardings(abstract, mesh)
@@ -129,35 +165,41 @@ def train(config: ml_collections.ConfigDict, workdir: str, init_from: str | None
         state, data_state = ckpts.restore(latest, abstract, shardings)
         batches.set_state(data_state)
     else:
-        params = _initial_params(init_from, model_cfg) if init_from else None
         state = init_state(config, model_cfg, optimizer, shardings, params)
-    start = int(state.step)
-    log = MetricsLog(workdir, enabled=primary)
-    log.truncate_after(start)
-
-    train_step = make_train_step(config, model_cfg, optimizer, schedule, mesh, shardings)
-    eval_step = make_eval_step(make_model(model_cfg, config.dtype, config.remat), accum, mesh,
-                               shardings.params)
-    tokens_per_step = config.batch_size * config.seq_len
-    peak = peak_flops_per_device(jax.devices()[0].device_kind, config.peak_flops)
-    flops_per_step = train_flops_per_token(model_cfg, config.seq_len) * tokens_per_step
     if primary:
-        how = (f"resuming from step {start}" if latest is not None
+        how = (f"resuming from step {latest}" if latest is not None
                else f"starting from {init_from}" if init_from else "starting")
-        print(f"{how}: "
-              f"{config.steps} steps of {config.batch_size} x {config.seq_len} tokens on "
+        print(f"{how}: {config.steps} steps of {config.batch_size} x {config.seq_len} tokens on "
               f"{jax.device_count()} {jax.devices()[0].device_kind} device(s), mesh "
               f"{dict(mesh.shape)}, {accum} micro-batch(es) of {micro} per device; "
               f"workdir {workdir}", flush=True)
+    return _Run(config, workdir, mesh, batches, state, ckpts,
+                make_train_step(config, model_cfg, optimizer, schedule, mesh, shardings),
+                make_eval_step(make_model(model_cfg, config.dtype, config.remat), accum, mesh,
+                               shardings.params))
 
-    bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", disable=not primary,
-               dynamic_ncols=True)
-    last_eval = None
-    clock = (time.perf_counter(), start)
-    pending = None  # (step, metrics on device): read one step late so the host runs ahead.
 
-    def finish_step(step: int, metrics: dict[str, jax.Array]) -> None:
-        nonlocal clock, last_eval
+class _Log:
+    """Per-step bookkeeping: the divergence check, throughput, held-out evaluations,
+    metrics.jsonl and the progress bar."""
+
+    def __init__(self, run: _Run, start: int) -> None:
+        config = run.config
+        self.run, self.start, self.last_eval = run, start, None
+        self.primary = jax.process_index() == 0
+        self.metrics = MetricsLog(run.workdir, enabled=self.primary)
+        self.metrics.truncate_after(start)
+        self.tokens_per_step = config.batch_size * config.seq_len
+        self.flops_per_step = self.tokens_per_step * train_flops_per_token(
+            get_model_config(config), config.seq_len)
+        self.peak = peak_flops_per_device(jax.devices()[0].device_kind, config.peak_flops)
+        self.bar = tqdm(total=config.steps, initial=start, desc="train", unit="step",
+                        disable=not self.primary, dynamic_ncols=True)
+        self.clock = (time.perf_counter(), start)
+
+    def step(self, step: int, metrics: dict[str, jax.Array], params: Any) -> None:
+        """Records `step` (its metrics still on device); evaluates `params` when it is due."""
+        config, ckpts = self.run.config, self.run.ckpts
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if not math.isfinite(metrics["loss"]):
             ckpts.wait_until_finished()
@@ -166,92 +208,160 @@ def train(config: ml_collections.ConfigDict, workdir: str, init_from: str | None
                 f"loss is {metrics['loss']} at step {step}; stopping without saving. " + (
                     f"The last good checkpoint is {ckpts.directory / str(good)}"
                     if good is not None else "No checkpoint was saved before it."))
-        bar.update(step - bar.n)
-        if step == start + 1:
-            clock = (time.perf_counter(), step)  # Throughput excludes compilation.
+        self.bar.update(step - self.bar.n)
+        if step == self.start + 1:
+            self.clock = (time.perf_counter(), step)  # Throughput excludes compilation.
         evaluate = step % config.eval_every == 0 or step == config.steps
         if step % config.log_every and not evaluate:
             return
         now = time.perf_counter()
-        seconds, steps = now - clock[0], step - clock[1]
-        clock = (now, step)
+        seconds, steps = now - self.clock[0], step - self.clock[1]
+        self.clock = (now, step)
         record = {"step": step, **metrics}
         if steps:
-            record["tokens_per_s"] = tokens_per_step * steps / seconds
-            if peak is not None:
-                record["mfu"] = flops_per_step * steps / seconds / (peak * jax.device_count())
+            record["tokens_per_s"] = self.tokens_per_step * steps / seconds
+            if self.peak is not None:
+                record["mfu"] = (self.flops_per_step * steps / seconds
+                                 / (self.peak * jax.device_count()))
         if evaluate:
             record["eval_loss"], _ = heldout_loss(
-                eval_step, state.params, mesh, config.data, seq_len=config.seq_len,
+                self.run.eval_step, params, self.run.mesh, config.data, seq_len=config.seq_len,
                 batch_size=config.batch_size, max_batches=config.eval_batches,
                 data_dir=config.data_dir)
             record["eval_ppl"] = math.exp(record["eval_loss"])
-            last_eval = record["eval_loss"]
-            clock = (time.perf_counter(), step)  # Throughput excludes evaluation.
-        log.write(record)
-        bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "lr", "tokens_per_s", "mfu",
-                                                          "eval_loss") if k in record},
-                        refresh=False)
+            self.last_eval = record["eval_loss"]
+            self.clock = (time.perf_counter(), step)  # Throughput excludes evaluation.
+        self.metrics.write(record)
+        self.bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "lr", "tokens_per_s",
+                                                               "mfu", "eval_loss")
+                              if k in record}, refresh=False)
 
-    saved_step = latest
+
+def _loop(run: _Run) -> dict[str, Any]:
+    """Trains from the run's state to `config.steps`, saving and evaluating on schedule."""
+    config, ckpts, state = run.config, run.ckpts, run.state
+    start = int(state.step)
+    log, preemption = _Log(run, start), _Preemption()
+    pending = None  # (step, metrics on device): read one step late so the host runs ahead.
+    saved_step = ckpts.latest_step()
     try:
         for step in range(start + 1, config.steps + 1):
-            state, metrics = train_step(state, global_batch(next(batches), mesh,
-                                                            config.batch_size))
+            batch = global_batch(next(run.batches), run.mesh, config.batch_size)
+            state, metrics = run.train_step(state, batch)
             if pending is not None:
-                finish_step(*pending)
+                log.step(*pending, state.params)
             pending = (step, metrics)
             preempted = preemption.reached(step)
             save = step % config.checkpoint_every == 0 or step == config.steps or preempted
             if save or step % config.eval_every == 0:  # Both need this step's state now.
-                finish_step(*pending)
+                log.step(*pending, state.params)
                 pending = None
             if save:
-                saved_step = ckpts.save(state, batches.get_state())
+                saved_step = ckpts.save(state, run.batches.get_state())
             if preempted:
                 ckpts.wait_until_finished()
-                if primary:
+                if log.primary:
                     print(f"preempted (SIGTERM): saved step {step} in {ckpts.directory}; run the "
                           "same command to resume", flush=True)
                 return {"step": step, "preempted": True}
         if pending is not None:
-            finish_step(*pending)
+            log.step(*pending, state.params)
     finally:
         ckpts.close()  # Waits for a save in flight.
-        bar.close()
+        log.bar.close()
         preemption.close()
-    curve = plot_loss_curve(workdir) if primary else None
-    records = read_metrics(workdir) if primary else []
-    summary = {"step": int(state.step), "first_loss": records[0]["loss"] if records else None,
-               "last_loss": records[-1]["loss"] if records else None, "eval_loss": last_eval,
-               "checkpoint": ckpts.directory / str(saved_step), "loss_curve": curve}
+    return _summary(run, int(state.step), saved_step, log)
+
+
+def _summary(run: _Run, step: int, saved_step: int | None, log: _Log) -> dict[str, Any]:
+    primary = log.primary
+    curve = plot_loss_curve(run.workdir) if primary else None
+    records = read_metrics(run.workdir) if primary else []
+    summary = {"step": step, "first_loss": records[0]["loss"] if records else None,
+               "last_loss": records[-1]["loss"] if records else None,
+               "eval_loss": log.last_eval, "checkpoint": run.ckpts.directory / str(saved_step),
+               "loss_curve": curve}
     if primary:
-        print(f"done: step {summary['step']}, train loss {summary['last_loss']:.4f}, held-out "
-              f"loss {last_eval if last_eval is None else round(last_eval, 4)}\n"
+        held_out = None if log.last_eval is None else round(log.last_eval, 4)
+        print(f"done: step {step}, train loss {summary['last_loss']:.4f} (its batch), held-out "
+              f"loss {held_out} (the first {run.config.eval_batches} held-out batches; "
+              f"train.eval covers the whole split)\n"
               f"checkpoint: {summary['checkpoint']} (load with "
-              f"backpack_jax.checkpoint.load({str(workdir)!r}))\nloss curve: {curve}",
+              f"backpack_jax.checkpoint.load({str(run.workdir)!r}))\nloss curve: {curve}",
               flush=True)
     return summary
 
 
+def train(config: ml_collections.ConfigDict, workdir: str, init_from: str | None = None
+          ) -> dict[str, Any]:
+    """Runs (or resumes) training; returns a summary with the last losses and paths."""
+    return _loop(prepare(config, workdir, init_from))
+
+
+USAGE = ("usage: python -m train.run --config=NAME [--workdir=DIR] [--init_from=PATH] "
+         "[--config.FIELD=VALUE ...]")
+
+
+def _unknown_field(error: AttributeError | KeyError) -> str:
+    """ml_collections' message for a field the preset lacks, on one line."""
+    detail = error.args[0] if error.args else error
+    if isinstance(detail, KeyError):  # A ConfigDict's AttributeError wraps its KeyError.
+        detail = detail.args[0]
+    return f"unknown config field {detail}".replace("\n", "; ")
+
+
+def parse_args(argv: list[str]) -> tuple[ml_collections.ConfigDict, str, str | None]:
+    """(config, workdir, init_from) from the command line, validated before any work.
+
+    Raises ValueError naming the flag or field: a missing or unknown preset, an unknown field,
+    a value of the wrong type, a config `validate` rejects.
+    """
+    preset = flags.FlagValues()
+    flags.DEFINE_string("config", None, "preset name", flag_values=preset)
+    try:
+        rest = preset(["train.run", *argv], known_only=True)  # Keeps every other argument.
+        if preset.config is None:
+            raise ValueError(f"--config=NAME is required; choose from {sorted(PRESETS)}")
+        parsed = flags.FlagValues()
+        try:
+            # Reads the --config.FIELD overrides from `rest`: each becomes a type-checked flag.
+            config_flags.DEFINE_config_dict("config", get_config(preset.config),
+                                            flag_values=parsed, sys_argv=rest)
+        except (AttributeError, KeyError) as e:
+            raise ValueError(_unknown_field(e)) from None
+        flags.DEFINE_string("workdir", f"/tmp/backpack_{preset.config}",
+                            "run directory; one that holds checkpoints is resumed",
+                            flag_values=parsed)
+        flags.DEFINE_string("init_from", None, "checkpoint to start from (same architecture)",
+                            flag_values=parsed)
+        extra = parsed(rest)[1:]
+    except flags.Error as e:  # Unknown flag, wrongly typed value, missing value.
+        raise ValueError(str(e)) from None
+    if extra:
+        raise ValueError(f"unexpected argument {extra[0]!r}")
+    validate(parsed.config)
+    return parsed.config, parsed.workdir, parsed.init_from
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):
+        print(__doc__)
+        return
     try:
-        config, flags = configs.parse_args(argv, flags=("workdir", "init_from"))
+        config, workdir, init_from = parse_args(argv)
     except ValueError as e:
-        sys.exit(f"error: {e}\nusage: python -m train.run --config=NAME [--workdir=DIR] "
-                 "[--init_from=PATH] [--config.FIELD=VALUE ...]")
+        print(f"error: {e}\n{USAGE}", file=sys.stderr)
+        sys.exit(2)
     sharding.maybe_initialize_distributed()
-    workdir = flags["workdir"] or f"/tmp/backpack_{config_name(argv)}"
+    try:  # The user's input, not a bug: one line.
+        run = prepare(config, workdir, init_from)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
     try:
-        train(config, workdir, flags["init_from"])
+        _loop(run)
     except TrainingDiverged as e:
         sys.exit(f"error: {e}")
-
-
-def config_name(argv: list[str]) -> str:
-    return next(a.partition("=")[2] for a in argv if a.startswith("--config="))
-
 
 if __name__ == "__main__":
     main()

@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 import os
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -83,7 +84,7 @@ def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
 def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
     """The PartitionSpec of `axes`, replicating a dimension its mesh axes do not divide."""
     spec, used = [], set()
-    for axis, size in zip(axes, shape):
+    for axis, size in zip(axes, shape, strict=True):
         mesh_axes = LOGICAL_TO_MESH.get(axis) if axis is not None else None
         if mesh_axes is not None:
             names = tuple(np.atleast_1d(mesh_axes))

@@ -35,8 +35,14 @@ import tqdm
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from backpack_jax.tokenizer import EOT_ID, get_tokenizer
-from train.sources import (HeldoutSelector, KeyFilter, Shard, TfdsTextShard, keep_all,
-                           local_text_shards)
+from train.sources import (
+    HeldoutSelector,
+    KeyFilter,
+    Shard,
+    TfdsTextShard,
+    keep_all,
+    local_text_shards,
+)
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,8 @@
 """Reading and writing Hugging Face checkpoint directories.
 
-A directory holds config.json and one of (first found wins): `model.safetensors`, sharded
-safetensors with `model.safetensors.index.json`, `pytorch_model.bin`, or sharded .bin with
+A directory holds config.json (the HF config dict, which every model directory of this project
+also holds) and one of (first found wins): `model.safetensors`, sharded safetensors with
+`model.safetensors.index.json`, `pytorch_model.bin`, or sharded .bin with
 `pytorch_model.bin.index.json`. PyTorch is needed for .bin files only.
 """
 
@@ -10,16 +11,17 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+
 import numpy as np
 import safetensors
 import safetensors.numpy
 import tqdm
 
-from backpack_jax import checkpoint
 from backpack_jax.config import BackpackConfig
+from backpack_jax.hf.state_dict import ConversionError, from_state_dict, to_state_dict
 from backpack_jax.model import Params
-from convert.state_dict import ConversionError, from_state_dict, to_state_dict
 
+CONFIG_FILE = "config.json"
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_BIN = "pytorch_model.bin"
@@ -27,6 +29,22 @@ TORCH_BIN_INDEX = "pytorch_model.bin.index.json"
 WEIGHT_FILES = (SAFETENSORS, SAFETENSORS_INDEX, TORCH_BIN, TORCH_BIN_INDEX)
 # Files at least this large get a progress bar.
 _PROGRESS_BYTES = 64 << 20
+
+
+def write_config(directory: str | os.PathLike, config: BackpackConfig) -> None:
+    """Writes config.json atomically (write to a temporary name, then rename)."""
+    path = pathlib.Path(directory) / CONFIG_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(config.to_hf_dict(), indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_config(directory: str | os.PathLike) -> BackpackConfig:
+    path = pathlib.Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {directory}")
+    return BackpackConfig.from_hf_dict(json.loads(path.read_text()))
 
 
 def _widen(x: np.ndarray) -> np.ndarray:
@@ -112,13 +130,6 @@ def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return read_sharded(file) if file.name.endswith(".index.json") else _read_file(file)
 
 
-def read_config(directory: pathlib.Path) -> BackpackConfig:
-    try:
-        return checkpoint.read_config(directory)
-    except (OSError, ValueError, TypeError) as e:
-        raise ConversionError(f"cannot read {directory / checkpoint.CONFIG_FILE}: {e}") from e
-
-
 def load_hf(path: str | os.PathLike) -> tuple[Params, BackpackConfig]:
     """Loads an HF Backpack checkpoint: a directory with config.json and weights (or a weights
     file / shard index next to its config.json).
@@ -131,7 +142,10 @@ def load_hf(path: str | os.PathLike) -> tuple[Params, BackpackConfig]:
     if not path.exists():
         raise ConversionError(f"{path} does not exist")
     directory = path.parent if path.is_file() else path
-    config = read_config(directory)
+    try:
+        config = read_config(directory)
+    except (OSError, ValueError, TypeError) as e:
+        raise ConversionError(f"cannot read {directory / CONFIG_FILE}: {e}") from e
     params = from_state_dict(read_tensors(path), config)
     return params, config
 
@@ -151,6 +165,6 @@ def save_hf(params: Params, config: BackpackConfig, out_dir: str | os.PathLike) 
     tmp = target.with_name(target.name + ".tmp")
     safetensors.numpy.save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, target)
-    checkpoint.write_config(out_dir, config)
+    write_config(out_dir, config)
     return out_dir
 

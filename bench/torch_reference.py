@@ -1,16 +1,18 @@
-"""An independent PyTorch Backpack with the Hugging Face parameter names, for parity tests.
+"""An independent PyTorch Backpack with the Hugging Face parameter names: the reference that the
+parity tests and the benchmark compare against.
 
-The HF remote code cannot be fetched offline, so this is written from the paper and BACKPACK.md
-section 1. The contextualizing Transformer is transformers' own `GPT2Model` in eager attention
+The HF remote code cannot be fetched offline, so this is written from the paper (Hewitt et al.,
+ACL 2023). The contextualizing Transformer is transformers' own `GPT2Model` in eager attention
 (the only path that honours `scale_attn_by_inverse_layer_idx` in every transformers version), so
 the backbone is not ours. Module names match the HF model, aliases included, so `state_dict()`
 has exactly the keys of the original `pytorch_model.bin` minus its attention-mask buffers.
+Needs the `bench` extra (torch and transformers).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Iterator
+from collections.abc import Iterator
 
 import jax
 
-from backpack_jax import checkpoint
+from backpack_jax import model
 from backpack_jax.config import BackpackConfig
 
 WTE = "backpack.gpt2_model.wte.weight"
@@ -68,7 +68,8 @@ def hf_name(flax_path: tuple[str, ...]) -> str:
 
 def table(config: BackpackConfig) -> list[Entry]:
     """Every parameter of a model with this config, in Flax tree order."""
-    leaves = jax.tree_util.tree_flatten_with_path(checkpoint.abstract_params(config))[0]
+    shapes = model.abstract_params(config)
+    leaves = jax.tree_util.tree_flatten_with_path(shapes)[0]
     paths = [(tuple(k.key for k in path), tuple(leaf.shape)) for path, leaf in leaves]
     return [Entry(path, hf_name(path), shape) for path, shape in paths]
 

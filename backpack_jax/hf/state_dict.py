@@ -7,16 +7,17 @@ fixing a checkpoint sees the whole list at once.
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from backpack_jax.config import BackpackConfig
+from backpack_jax.hf import names
+from backpack_jax.hf.names import WPE, WTE
 from backpack_jax.model import Params
-from convert import names
-from convert.names import WPE, WTE
 
 # Floating dtypes we read (half precision is widened to float32).
 _FLOAT_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64"})

@@ -50,8 +50,8 @@ class BackpackConfig:
     resid_pdrop: float = 0.1
     embd_pdrop: float = 0.1
     attn_pdrop: float = 0.1
-    bos_token_id: int = 50256
-    eos_token_id: int = 50256
+    bos_token_id: int = 50256  # For Hugging Face's generation; the model never reads it.
+    eos_token_id: int = 50256  # generate's default padding and stop token.
 
     def __post_init__(self) -> None:
         def need(ok: bool, field: str, why: str) -> None:

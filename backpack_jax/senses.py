@@ -306,6 +306,36 @@ def compose(*edits: SenseIntervention) -> SenseIntervention:
     return _with_replacements(base, list(replaced), list(replaced.values()))
 
 
+def knowledge_edit(params: Params, config: BackpackConfig, word_ids: Sequence[int],
+                   remove_id: int, add_id: int) -> SenseIntervention:
+    """The paper's knowledge edit (§6.3): make the word's tokens evoke `add_id` (" HP") where
+    they evoked `remove_id` (" Apple"). With e_r, e_a their output embeddings, every sense of
+    every token of the word loses its component along e_r and gains the same amount along e_a,
+    rescaled for the two norms:
+
+        C'_l = C_l + (C_l . e_r / |e_r|^2) (e_a |e_r|^2 / |e_a|^2 - e_r)
+
+    Senses that did not point at e_r barely change. Returned as replacement sense vectors, so it
+    composes with other edits and works in `model.apply` and in generation.
+    """
+    word = sorted({_check_token(config, t) for t in word_ids})
+    if not word:
+        raise ValueError("word_ids is empty")
+    remove_id, add_id = _check_token(config, remove_id), _check_token(config, add_id)
+    if remove_id == add_id:
+        raise ValueError(f"remove_id and add_id are the same token ({remove_id})")
+    e_V = np.asarray(_embedding_VxD(params), np.float64)
+    e_r, e_a = e_V[remove_id], e_V[add_id]
+    r2, a2 = e_r @ e_r, e_a @ e_a
+    if r2 == 0 or a2 == 0:
+        raise ValueError("the removed or added token has an all-zero embedding")
+    senses_WxKxD = np.asarray(sense_vectors(params, config, word), np.float64)
+    along_WxK = senses_WxKxD @ e_r / r2
+    edited_WxKxD = senses_WxKxD + along_WxK[..., None] * (e_a * r2 / a2 - e_r)
+    return replace_senses(config, {t: dict(enumerate(edited_WxKxD[w]))
+                                   for w, t in enumerate(word)})
+
+
 @functools.partial(jax.jit, static_argnames=("config", "vocab_limit"))
 def _topic_scores_chunk(params, ids_C, topic_ids, *, config, vocab_limit):
     senses_CxKxD = BackpackLM(config).apply({"params": params}, ids_C[:, None],

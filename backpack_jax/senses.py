@@ -329,11 +329,11 @@ def knowledge_edit(params: Params, config: BackpackConfig, word_ids: Sequence[in
     r2, a2 = e_r @ e_r, e_a @ e_a
     if r2 == 0 or a2 == 0:
         raise ValueError("the removed or added token has an all-zero embedding")
-    senses_WxKxD = np.asarray(sense_vectors(params, config, word), np.float64)
-    along_WxK = senses_WxKxD @ e_r / r2
-    edited_WxKxD = senses_WxKxD + along_WxK[..., None] * (e_a * r2 / a2 - e_r)
-    return replace_senses(config, {t: dict(enumerate(edited_WxKxD[w]))
-                                   for w, t in enumerate(word)})
+    senses_UxKxD = np.asarray(sense_vectors(params, config, word), np.float64)
+    along_UxK = senses_UxKxD @ e_r / r2
+    edited_UxKxD = senses_UxKxD + along_UxK[..., None] * (e_a * r2 / a2 - e_r)
+    return replace_senses(config, {t: dict(enumerate(edited_UxKxD[u]))
+                                   for u, t in enumerate(word)})
 
 
 @functools.partial(jax.jit, static_argnames=("config", "vocab_limit"))

@@ -77,13 +77,13 @@ def test_logit_changes_equal_alpha_weighted_sense_changes(params):
                            * (e_a * (e_r @ e_r) / (e_a @ e_a) - e_r), 0.0)
     change_SxD = np.einsum("kij,jkd->id", alpha_KxSxS, delta_SxKxD)
     first = int(np.argmax(in_word_S))
-    np.testing.assert_array_equal(check.positions_P, np.arange(first, len(text)))
-    np.testing.assert_allclose(check.remove_after_P - check.remove_before_P,
+    np.testing.assert_array_equal(check.positions_S, np.arange(first, len(text)))
+    np.testing.assert_allclose(check.remove_after_S - check.remove_before_S,
                                (change_SxD @ e_r)[first:], rtol=1e-3, atol=1e-4)
-    np.testing.assert_allclose(check.add_after_P - check.add_before_P,
+    np.testing.assert_allclose(check.add_after_S - check.add_before_S,
                                (change_SxD @ e_a)[first:], rtol=1e-3, atol=1e-4)
     assert check.holds
-    assert (check.remove_after_P - check.remove_before_P).max() < -1e-3
+    assert (check.remove_after_S - check.remove_before_S).max() < -1e-3
 
 
 def test_generation_under_the_edit_matches_apply(params):

@@ -34,25 +34,25 @@ class EditCheck:
     """Logits of the removed and the added word at the positions P whose context holds the word
     (a position's prediction sees the tokens up to and including it)."""
 
-    positions_P: np.ndarray
-    remove_before_P: np.ndarray
-    remove_after_P: np.ndarray
-    add_before_P: np.ndarray
-    add_after_P: np.ndarray
+    positions_S: np.ndarray
+    remove_before_S: np.ndarray
+    remove_after_S: np.ndarray
+    add_before_S: np.ndarray
+    add_after_S: np.ndarray
 
     @property
     def holds(self) -> bool:
         """The removed word's logit fell and the added word's rose at every such position."""
-        return bool((self.remove_after_P < self.remove_before_P).all()
-                    and (self.add_after_P > self.add_before_P).all())
+        return bool((self.remove_after_S < self.remove_before_S).all()
+                    and (self.add_after_S > self.add_before_S).all())
 
     def table(self, remove: str, add: str) -> common.Table:
-        t = common.Table(f"logits where the edited word is in context ({len(self.positions_P)} "
+        t = common.Table(f"logits where the edited word is in context ({len(self.positions_S)} "
                          "positions)", ["before (mean)", "after (mean)", "change (min)",
                                         "change (max)"])
-        for name, before, after in ((f"{remove!r} (removed)", self.remove_before_P,
-                                     self.remove_after_P),
-                                    (f"{add!r} (added)", self.add_before_P, self.add_after_P)):
+        for name, before, after in ((f"{remove!r} (removed)", self.remove_before_S,
+                                     self.remove_after_S),
+                                    (f"{add!r} (added)", self.add_before_S, self.add_after_S)):
             change = after - before
             t.add(name, [before.mean(), after.mean(), change.min(), change.max()])
         t.notes.append("edit holds: the removed logit fell and the added logit rose at every "
@@ -71,11 +71,11 @@ def edit_check(params: Params, config: BackpackConfig, token_ids: Sequence[int],
     if not hit_S.any():
         raise ValueError("the text does not contain the edited word's tokens "
                          f"{list(word_ids)}, so the edit cannot act on it")
-    positions_P = np.arange(hit_S.argmax(), ids_1xS.shape[1])
+    positions_S = np.arange(hit_S.argmax(), ids_1xS.shape[1])
     before_SxV, after_SxV = (
-        np.asarray(model.apply(params, ids_1xS, config, sense_edit=e).logits[0])[positions_P]
+        np.asarray(model.apply(params, ids_1xS, config, sense_edit=e).logits[0])[positions_S]
         for e in (None, edit))
-    return EditCheck(positions_P, before_SxV[:, remove_id], after_SxV[:, remove_id],
+    return EditCheck(positions_S, before_SxV[:, remove_id], after_SxV[:, remove_id],
                      before_SxV[:, add_id], after_SxV[:, add_id])
 
 
@@ -134,7 +134,7 @@ def _body(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"  {when:6}| {args.prompt}{decoded[when][how][i]}")
     return {"word": args.word, "word_ids": word_ids, "remove": args.remove, "add": args.add,
             "prompt": args.prompt, "check": {"table": table.to_json(), "holds": check.holds,
-                                             "positions": check.positions_P.tolist()},
+                                             "positions": check.positions_S.tolist()},
             "continuations": decoded}
 
 

@@ -4,7 +4,8 @@ The paper's model, in the order of this file: a GPT-2 Transformer contextualizes
 sense network maps each word to K sense vectors C(x); the weight network turns the Transformer's
 states into K causal weight matrices alpha; each position's output is
 o_i = sum_l sum_j alpha[l, i, j] C(x_j)_l, and the logits are E o_i with E the tied word
-embeddings (no bias, no final LayerNorm, no division by K).
+embeddings (no bias, no final LayerNorm, no division by K). A `SenseEdit` may rewrite the
+sense vectors and rescale alpha (the paper's interventions, senses.py and topic.py).
 
 The parameter tree mirrors the Hugging Face module tree (`backpack/gpt2_model/h_3/attn/c_attn`
 is `backpack.gpt2_model.h.3.attn.c_attn`), so the converter's name table reads like a table.
@@ -43,7 +44,7 @@ WEIGHT_NET_MASK_VALUE = -10000.0
 @flax.struct.dataclass
 class BackpackOutput:
     logits: jax.Array  # [B, S, V], float32
-    contextualization: jax.Array | None = None  # [B, K, S, T] alpha, when asked
+    contextualization: jax.Array | None = None  # [B, K, S, T] alpha (before any reweight)
     senses: jax.Array | None = None  # [B, K, T, D] sense vectors, when asked
 
 
@@ -60,6 +61,7 @@ class DecodeCache:
     values: tuple[jax.Array, ...]  # per GPT-2 layer [BH, T, E]
     sense_keys_BKxTxE: jax.Array  # weight-network keys
     senses_BKxTxD: jax.Array  # sense vectors of the tokens seen so far
+    edit_state: Any = None  # what a reweighting sense edit keeps about the prefix (SenseEdit)
 
     @classmethod
     def zeros(cls, config: BackpackConfig, batch: int, length: int,
@@ -77,9 +79,28 @@ class DecodeCache:
 
 
 class SenseEdit(Protocol):
-    """Anything that rewrites sense vectors given the tokens they belong to (see senses.py)."""
+    """Anything that rewrites sense vectors given the tokens they belong to (see senses.py).
+
+    An edit may also rescale the weights alpha once they are computed, by defining
+    `reweight(alpha_BxKxSxT, inputs: ReweightInputs, state) -> (alpha_BxKxSxT, state)`: the
+    paper's topic control anneals its weights so (topic.TopicControl). `state` is what it keeps
+    about the prefix between decode steps, in `DecodeCache.edit_state`: None on a full pass
+    and at prefill, then whatever the previous call returned. Edits without it cost nothing.
+    """
 
     def edit(self, input_ids_BxS: jax.Array, senses_BxSxKxD: jax.Array) -> jax.Array: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class ReweightInputs:
+    """What a `reweight` sees of one call: the S new tokens, written at `cache_index`, and the T
+    positions they may attend to (T = S on a full pass)."""
+
+    input_ids_BxS: jax.Array
+    senses_BKxTxD: jax.Array  # every position's sense vectors, as edited, the new ones included
+    attend_BxSxT: jax.Array  # [B or 1, S, T]: False for padding and future positions
+    cache_index: jax.Array | int
+    wte_VxD: jax.Array  # the output embeddings E
 
 
 # ------------------------------------------------------------------------------ kernels
@@ -425,8 +446,16 @@ class Backpack(nn.Module):
         alpha_BxKxSxT = contextualization_BxKxSxT
         if alpha_BxKxSxT is None:
             alpha_BxKxSxT = contextualization_weights(q_BKxSxE, k_BKxTxE, attend_BxSxT, B)
-        o_BxSxD = self.kernels.sense_sum(alpha_BxKxSxT, senses_BKxTxD, self.dtype)
         wte_VxD = self.gpt2_model.wte.embedding
+        weights_BxKxSxT = alpha_BxKxSxT
+        if (reweight := getattr(sense_edit, "reweight", None)) is not None:
+            weights_BxKxSxT, edit_state = reweight(
+                alpha_BxKxSxT, ReweightInputs(input_ids_BxS, senses_BKxTxD, attend_BxSxT,
+                                              cache_index, wte_VxD),
+                None if cache is None else cache.edit_state)
+            if new_cache is not None:
+                new_cache = new_cache.replace(edit_state=edit_state)
+        o_BxSxD = self.kernels.sense_sum(weights_BxKxSxT, senses_BKxTxD, self.dtype)
         logits_BxSxV = self.kernels.lm_head(o_BxSxD.astype(self.dtype), wte_VxD.astype(self.dtype))
         out = BackpackOutput(
             logits=logits_BxSxV,
@@ -541,8 +570,8 @@ def apply(params: Params, input_ids: jax.Array, config: BackpackConfig, *,
       config: the model's config (static under jit).
       position_ids: [B, S] or [S]; defaults to 0..S-1.
       train: enables dropout where the HF model has it; needs `rng`.
-      return_contextualization / return_senses: also return alpha [B, K, S, S] / senses
-        [B, K, S, D].
+      return_contextualization / return_senses: also return alpha [B, K, S, S] (the model's,
+        before a sense edit's `reweight`) / senses [B, K, S, D] (as edited).
       dtype: compute dtype (e.g. jnp.bfloat16); LayerNorm, softmax and logits stay float32.
       sense_edit: an intervention on sense vectors (see `backpack_jax.senses`).
       contextualization: use this alpha [B, K, S, S] instead of the model's (HF's

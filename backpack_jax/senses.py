@@ -6,8 +6,10 @@
 - `contextualization`: the weights alpha [B, K, S, S] the model puts on each (sense, position).
 - `run_with_contextualization`: logits under a given alpha (HF's
   `run_with_custom_contextualization`).
-- `SenseIntervention` (+ `scale_senses`, `replace_senses`, `compose`, `topic_intervention`): a
+- `SenseIntervention` (+ `scale_senses`, `replace_senses`, `compose`, `knowledge_edit`): a
   jit-friendly edit accepted as `sense_edit=` by `model.apply` and `generate.generate`.
+- `softmax_topic_intervention`: a simple topic control that is not the paper's; the paper's
+  (normalised scores, quantile groups, annealing) is `backpack_jax.topic`.
 
     python -m backpack_jax.senses --checkpoint PATH --word nurse --top 10
     python -m backpack_jax.senses --checkpoint PATH --text "The nurse said" --plot alpha.png
@@ -224,7 +226,7 @@ class SenseIntervention:
 
     A pytree of arrays, so it passes through jit as data: changing the numbers does not
     recompile (changing the number of replacements does). Build with `scale_senses`,
-    `replace_senses`, `topic_intervention`; combine with `compose`.
+    `replace_senses`, `knowledge_edit`, `softmax_topic_intervention`; combine with `compose`.
     """
 
     scale_VxK: jax.Array  # ones = no change
@@ -337,7 +339,7 @@ def knowledge_edit(params: Params, config: BackpackConfig, word_ids: Sequence[in
 
 
 @functools.partial(jax.jit, static_argnames=("config", "vocab_limit"))
-def _topic_scores_chunk(params, ids_C, topic_ids, *, config, vocab_limit):
+def _softmax_topic_scores_chunk(params, ids_C, topic_ids, *, config, vocab_limit):
     senses_CxKxD = BackpackLM(config).apply({"params": params}, ids_C[:, None],
                                             method="senses")[:, 0]
     logits_CxKxV = jnp.einsum("ckd,vd->ckv", senses_CxKxD, _embedding_VxD(params)[:vocab_limit],
@@ -346,9 +348,9 @@ def _topic_scores_chunk(params, ids_C, topic_ids, *, config, vocab_limit):
             - jax.nn.logsumexp(logits_CxKxV, axis=-1))
 
 
-def topic_scores(params: Params, config: BackpackConfig, topic_ids: Sequence[int], *,
-                 vocab_limit: int | None = None, chunk_size: int = 64,
-                 progress: bool = True) -> np.ndarray:
+def softmax_topic_scores(params: Params, config: BackpackConfig, topic_ids: Sequence[int], *,
+                         vocab_limit: int | None = None, chunk_size: int = 64,
+                         progress: bool = True) -> np.ndarray:
     """score[v, k] for every token v < vocab_limit and sense k: the log of the probability mass
     that sense k of v, read on its own through the output embeddings, puts on the topic words,
 
@@ -358,6 +360,9 @@ def topic_scores(params: Params, config: BackpackConfig, topic_ids: Sequence[int
     upweighting it shifts the model's predictions towards the topic. Computed over the
     vocabulary in chunks (memory chunk x K x V floats); the work is V * K * V * D multiply-adds
     (3e13 for backpack-gpt2), hence the progress bar.
+
+    Not the paper's score (`topic.topic_scores`: b . (E C) divided by the sense's largest
+    logit): a softmax rewards a sense only for what it promotes relative to everything else.
     """
     V = config.vocab_size
     vocab_limit = V if vocab_limit is None else min(vocab_limit, V)
@@ -370,7 +375,7 @@ def topic_scores(params: Params, config: BackpackConfig, topic_ids: Sequence[int
     for start in tqdm(range(0, vocab_limit, chunk_size), desc="scoring senses",
                       disable=not progress):
         ids_C = np.arange(start, start + chunk_size, dtype=np.int32) % vocab_limit  # wraps
-        chunk = _topic_scores_chunk(params, jnp.asarray(ids_C), jnp.asarray(topic),
+        chunk = _softmax_topic_scores_chunk(params, jnp.asarray(ids_C), jnp.asarray(topic),
                                     config=config, vocab_limit=vocab_limit)
         scores[start:start + chunk_size] = np.asarray(chunk)[:min(chunk_size, vocab_limit - start)]
     return scores
@@ -383,21 +388,24 @@ class TopicSenses:
     scores_R: np.ndarray
 
 
-def topic_intervention(params: Params, config: BackpackConfig, topic_ids: Sequence[int], *,
-                       num_pairs: int = 1000, factor: float = 3.0,
-                       vocab_limit: int | None = None, chunk_size: int = 64,
-                       progress: bool = True) -> TopicSenses:
-    """Topic control as in the paper: upweight the sense vectors that most promote the topic.
+def softmax_topic_intervention(params: Params, config: BackpackConfig,
+                               topic_ids: Sequence[int], *, num_pairs: int = 1000,
+                               factor: float = 3.0, vocab_limit: int | None = None,
+                               chunk_size: int = 64, progress: bool = True) -> TopicSenses:
+    """A simple topic control, an alternative to the paper's (`backpack_jax.topic`): upweight
+    the sense vectors that most promote the topic.
 
-    Rule: the `num_pairs` (token, sense) pairs with the highest `topic_scores` get scale
+    Rule: the `num_pairs` (token, sense) pairs with the highest `softmax_topic_scores` get scale
     `factor` (so wherever such a token occurs in the context, that sense contributes `factor`
-    times as much); every other sense keeps scale 1. The defaults are a starting point, not
-    tuned values.
+    times as much); every other sense keeps scale 1, and the scales stay fixed while
+    generating. The paper instead normalises b . (E C) by each sense's largest logit, weights
+    four quantile groups of all V*K scores, and anneals the weights back to 1 as the topic
+    appears (`topic.TopicControl`). The defaults here are a starting point, not tuned values.
     """
     if num_pairs < 1:
         raise ValueError(f"num_pairs must be >= 1, got {num_pairs}")
-    scores_VxK = topic_scores(params, config, topic_ids, vocab_limit=vocab_limit,
-                              chunk_size=chunk_size, progress=progress)
+    scores_VxK = softmax_topic_scores(params, config, topic_ids, vocab_limit=vocab_limit,
+                                      chunk_size=chunk_size, progress=progress)
     flat = np.argsort(-scores_VxK, axis=None, kind="stable")[:num_pairs]
     tokens, senses = np.unravel_index(flat, scores_VxK.shape)
     scale_VxK = np.ones((config.vocab_size, config.num_senses), np.float32)

@@ -6,6 +6,7 @@ from typing import Any
 
 from backpack_jax import flops
 from backpack_jax.config import get_model_config
+from bench import topic as bench_topic
 
 # The glibc tunable that backs malloc with transparent huge pages (set in GLIBC_TUNABLES).
 HUGE_PAGES = "glibc.malloc.hugetlb=1"
@@ -72,6 +73,20 @@ def generation_rows(results: dict, machine: dict) -> list[str]:
     return rows
 
 
+def topic_rows(results: dict, machine: dict) -> list[str]:
+    """Scoring the vocabulary's sense vectors (bench/topic.py): bound by the GEMM rate, the
+    target is 1.5x the bound's time at most."""
+    config = get_model_config(results["config"])
+    r = results["topic_scores"]
+    gemm = gemm_bound_gflops(machine, r)
+    bound = gemm * 1e9 / bench_topic.flops_per_token(config)
+    frac = r["tokens_per_s"] / bound
+    return [_row([f"topic scores V={r['vocab_size']} K={r['num_senses']} fp32 (sense max "
+                  "logits)", _f(r["tokens_per_s"]), "-", "-", f"{_f(bound)} (at {gemm:.0f} "
+                  "GFLOP/s)", f"{100 * frac:.0f}% (vocabulary {r['vocabulary_s']:.0f} s)",
+                  ">= 67% (1.5x)", _mark(frac >= 1 / 1.5)])]
+
+
 def huge_pages_on(glibc_tunables: str) -> bool:
     """Whether a GLIBC_TUNABLES value (colon-separated settings) turns huge pages on."""
     return HUGE_PAGES in glibc_tunables.split(":")
@@ -122,6 +137,8 @@ def markdown(results: dict) -> str:
              "| target | |", "|---|---|---|---|---|---|---|---|"]
     if "forward" in results:
         lines += forward_rows(results["forward"], m)
+        if "topic_scores" in results["forward"]:
+            lines += topic_rows(results["forward"], m)
     if "generation" in results:
         lines += generation_rows(results["generation"], m)
     if "training" in results:
@@ -132,6 +149,8 @@ def markdown(results: dict) -> str:
     for r in results.get("forward", {}).get("runs", []):
         table = " (sense table)" if r.get("sense_table") else ""
         compiles.append(f"forward B={r['batch']}{table} {r['compile_s']:.1f} s")
+    if scores := results.get("forward", {}).get("topic_scores"):
+        compiles.append(f"topic scores first call {scores['compile_s']:.1f} s")
     for label, r in results.get("generation", {}).get("runs", {}).items():
         compiles.append(f"generation ({label}) first call {r['first_run_s']:.1f} s")
         if "table_build_s" in r:

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from backpack_jax import sense_table
 from backpack_jax.config import get_model_config
-from bench import forward, generation, gpu, machine, reference, report, timing, training
+from bench import forward, generation, gpu, machine, reference, report, timing, topic, training
 
 MODEL = "gpt2_small"  # the forward and generation parts: Backpack-Small, as released
 TRAINING = "gpt2_micro"  # small enough for a CPU training step
@@ -42,7 +42,8 @@ def cpu_part(name: str, quick: bool, new_tokens: int | None = None) -> dict:
                 for b in (1, 8)]
         runs.append(forward.run(config, ref, params, 1, 512, repeats, table=table,
                                 gemm_probe=probe))
-        return {"config": MODEL, "runs": runs}
+        scores = topic.run(config, params, 512 if quick else 2048, repeats, gemm_probe=probe)
+        return {"config": MODEL, "runs": runs, "topic_scores": scores}
     new = new_tokens or (64 if quick else 256)
     probe = machine.sustained_read_gbps
     runs = {"cached": generation.run(config, ref, params, 32, new, read_probe=probe)}

@@ -141,12 +141,12 @@ def test_bad_interventions_are_clear_errors(build, message):
     assert message in str(error.value)
 
 
-def test_topic_scores_are_chunk_independent_and_match_a_direct_computation(params):
+def test_softmax_topic_scores_are_chunk_independent_and_match_a_direct_computation(params):
     topic = [3, 77, 250, 300]
-    scores = senses.topic_scores(params, SMALL, topic, chunk_size=100, progress=False)
+    scores = senses.softmax_topic_scores(params, SMALL, topic, chunk_size=100, progress=False)
     np.testing.assert_allclose(
-        senses.topic_scores(params, SMALL, topic, chunk_size=512, progress=False), scores,
-        rtol=1e-5, atol=1e-5)
+        senses.softmax_topic_scores(params, SMALL, topic, chunk_size=512, progress=False),
+        scores, rtol=1e-5, atol=1e-5)
     for v, k in [(0, 0), (300, 2), (511, 3)]:
         logits = embedding(params).astype(np.float64) @ np.asarray(
             senses.sense_vectors(params, SMALL, [v])[0, k])
@@ -154,11 +154,11 @@ def test_topic_scores_are_chunk_independent_and_match_a_direct_computation(param
         assert abs(scores[v, k] - np.log(np.exp(log_probs[topic]).sum())) < 1e-4
 
 
-def test_topic_control_raises_probability_of_topic_words(params):
+def test_softmax_topic_control_raises_probability_of_topic_words(params):
     rng = np.random.default_rng(0)
     topic = rng.choice(SMALL.vocab_size, 20, replace=False)
-    control = senses.topic_intervention(params, SMALL, topic, num_pairs=150, factor=3.0,
-                                        progress=False)
+    control = senses.softmax_topic_intervention(params, SMALL, topic, num_pairs=150,
+                                                factor=3.0, progress=False)
     scale = np.asarray(control.intervention.scale_VxK)
     assert (scale == 3.0).sum() == 150 and np.isin(scale, [1.0, 3.0]).all()
     assert (np.diff(control.scores_R) <= 0).all()

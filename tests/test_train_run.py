@@ -5,6 +5,7 @@ with CPU collectives, NaN handling, an interrupted checkpoint write, `--init_fro
 `python -m train.eval`, and that both entry points report a user's mistake in one line.
 """
 
+import itertools
 import json
 import math
 import os
@@ -222,19 +223,41 @@ def test_eval_cli_reproduces_the_logged_heldout_loss(uninterrupted, capsys, tmp_
     workdir, _ = uninterrupted
     logged = _losses(workdir)[STEPS][1]
     from train import eval as train_eval
-    train_eval.main(["--checkpoint", str(workdir), "--batches", "2", "--batch_size", "4",
-                     "--seq_len", "32"])
-    out = capsys.readouterr().out
-    loss = float(out.split("held-out loss ")[1].split()[0])
-    ppl = float(out.split("perplexity ")[1].split()[0])
-    assert loss == pytest.approx(logged, abs=1e-4) and ppl == pytest.approx(math.exp(loss),
-                                                                            rel=1e-3)
+    result = train_eval.main(["--checkpoint", str(workdir), "--batches", "2", "--batch_size",
+                              "4", "--seq_len", "32"])
+    loss = result["loss"]
+    assert loss == pytest.approx(logged, abs=1e-4) and result["perplexity"] == pytest.approx(
+        math.exp(loss), rel=1e-6)
+    assert f" {loss:.4f} |" in capsys.readouterr().out
     # A converted model directory works the same way.
     converted = tmp_path / "converted"
     checkpoint.save(converted, *checkpoint.load(workdir))
     train_eval.main(["--checkpoint", str(converted), "--batches", "2", "--batch_size", "4",
                      "--seq_len", "32"])
-    assert f"held-out loss {loss:.4f}" in capsys.readouterr().out
+    assert f" {loss:.4f} |" in capsys.readouterr().out
+
+
+def test_eval_table_and_json_equal_model_apply(tmp_path, capsys):
+    """`train.eval`'s loss against a numpy cross-entropy of model.apply on the same batches."""
+    from train import eval as train_eval
+    train_eval.main(["--checkpoint", str(OLD_WORKDIR), "--batches", "2", "--batch_size", "2",
+                     "--seq_len", "16", "--json", str(tmp_path / "eval.json")])
+    params, model_cfg = checkpoint.load(OLD_WORKDIR)
+    nll = []
+    for batch in itertools.islice(data.make_eval_batches(None, data.HELDOUT, seq_len=16,
+                                                         batch_size=2), 2):
+        logits = np.asarray(model.apply(params, batch["inputs"], model_cfg).logits, np.float64)
+        logp = logits - logits.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        nll.append(-np.take_along_axis(logp, batch["targets"][..., None], -1).mean())
+    loss = float(np.mean(nll))
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["loss"] == pytest.approx(loss, rel=1e-5) and result["batches"] == 2
+    assert result["table"]["rows"][str(OLD_WORKDIR)] == {
+        "loss (nats/token)": result["loss"], "perplexity": result["perplexity"]}
+    assert result["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
+    out = capsys.readouterr().out
+    assert "held-out perplexity: split 'heldout'" in out and f" {loss:.4f} |" in out
 
 
 @pytest.mark.parametrize("override,message", [

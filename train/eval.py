@@ -1,9 +1,11 @@
 """Held-out loss and perplexity, during training and for any checkpoint from the command line.
 
-    python -m train.eval --checkpoint PATH [--data NAME] [--batches N]
+    python -m train.eval --checkpoint PATH [--data NAME] [--batches N] [--json OUT]
 
 PATH is anything `backpack_jax.checkpoint.load` accepts: a training workdir or step, a converted
-model, or a Hugging Face directory.
+model, or a Hugging Face directory. The command prints a table in the format of the experiment
+commands (`backpack_jax.evals`), with the paper's OpenWebText perplexity of Backpack-Small
+beside ours for a backpack-gpt2-shaped model (paper Table 2), and writes its numbers to --json.
 """
 
 from __future__ import annotations
@@ -11,16 +13,22 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import pathlib
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import jax
 from jax.sharding import Mesh
 from tqdm import tqdm
 
 from backpack_jax import checkpoint, model
+from backpack_jax.evals import common
 from train import data, sharding
 from train.step import Batch, global_batch, make_eval_step, make_model
+
+# Paper Table 2: Backpack-Small's perplexity on OpenWebText's held-out split.
+PAPER_OWT_PERPLEXITY = 20.1
 
 
 def heldout_loss(eval_step: Callable[[model.Params, Batch], jax.Array], params: model.Params,
@@ -46,7 +54,8 @@ def heldout_loss(eval_step: Callable[[model.Params, Batch], jax.Array], params: 
     return float(total) / n, n
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Runs the command; returns what --json writes."""
     parser = argparse.ArgumentParser(prog="python -m train.eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True,
@@ -61,17 +70,25 @@ def main(argv: list[str] | None = None) -> None:
                         help="tokens per sequence (default: min(512, n_positions))")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                         help="compute dtype; logits and the loss are float32 either way")
+    parser.add_argument("--json", metavar="PATH", help="also write the numbers to this file")
     args = parser.parse_args(argv)
     if args.batches is not None and args.batches < 1:
         parser.error(f"--batches must be positive, got {args.batches}")
+    if args.json and not pathlib.Path(args.json).resolve().parent.is_dir():
+        parser.error(f"--json {args.json}: directory {pathlib.Path(args.json).parent} does not "
+                     "exist")
 
     try:
-        _evaluate(parser, args)
+        result = _evaluate(parser, args)
+        if args.json:
+            common.write_json(args.json, result)
+            print(f"wrote {args.json}")
     except (FileNotFoundError, ValueError) as e:  # A bad path, checkpoint or dataset: not a bug.
         sys.exit(f"error: {e}")
+    return result
 
 
-def _evaluate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def _evaluate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
     params, model_cfg = checkpoint.load(args.checkpoint)
     seq_len = args.seq_len or min(512, model_cfg.n_positions)
     if not 0 < seq_len <= model_cfg.n_positions:
@@ -86,9 +103,17 @@ def _evaluate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
     loss, n = heldout_loss(eval_step, params, mesh, args.data, seq_len=seq_len,
                            batch_size=args.batch_size, max_batches=args.batches,
                            data_dir=args.data_dir, progress=True)
-    print(f"{args.checkpoint}: held-out loss {loss:.4f} nats/token, perplexity "
-          f"{math.exp(loss):.3f} ({n} batches of {args.batch_size} x {seq_len} tokens, "
-          f"split {data.HELDOUT!r} of {args.data or data.DEFAULT_NAME!r})")
+    name = args.data or data.DEFAULT_NAME
+    table = common.Table(f"held-out perplexity: split {data.HELDOUT!r} of {name!r}, {n} batches "
+                         f"of {args.batch_size} x {seq_len} tokens",
+                         ["loss (nats/token)", "perplexity"], digits=4)
+    table.add(args.checkpoint, [loss, math.exp(loss)])
+    if common.is_backpack_gpt2(model_cfg):
+        table.add("paper: Backpack-Small, OpenWebText", [None, PAPER_OWT_PERPLEXITY])
+    print(table.format())
+    return {"checkpoint": args.checkpoint, "data": name, "split": data.HELDOUT, "batches": n,
+            "batch_size": args.batch_size, "seq_len": seq_len, "loss": loss,
+            "perplexity": math.exp(loss), "table": table.to_json()}
 
 
 if __name__ == "__main__":

@@ -6,13 +6,20 @@ A model directory holds `config.json` (the Hugging Face config dict) and either
   - `checkpoints/<step>/params/`: a training workdir's Orbax `CheckpointManager` steps.
 `load` also accepts a Hugging Face directory (config.json + safetensors or .bin, read by
 `backpack_jax.hf`) or one step directory of a training run, so every CLI takes whatever
-checkpoint the user has.
+checkpoint the user has. From a workdir whose newest steps fail to read (a node died while writing
+one), `load` takes the newest step that loads, with a warning line per damaged step; it moves
+nothing, since a reader must not change a live run's workdir (`train.run` moves damaged steps
+aside when it resumes).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import pathlib
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -23,6 +30,52 @@ from backpack_jax.config import BackpackConfig
 
 PARAMS_DIR = "params"
 STEPS_DIR = "checkpoints"
+
+
+class UnreadableCheckpoint(ValueError):
+    """A checkpoint's files fail to read: damaged, rather than written for another model."""
+
+
+def read_error(error: BaseException) -> str:
+    """Why a read failed, on one line: the innermost cause (the storage layer's own reason)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+class _SettlingLoop(asyncio.SelectorEventLoop):
+    """An event loop that lets its pending tasks finish (for a minute at most) before closing."""
+
+    def close(self) -> None:
+        pending = asyncio.all_tasks(self)
+        if pending and not (self.is_running() or self.is_closed()):
+            settle = asyncio.gather(*pending, return_exceptions=True)
+            with contextlib.suppress(asyncio.TimeoutError):
+                self.run_until_complete(asyncio.wait_for(settle, 60))
+        super().close()
+
+
+class _SettlingPolicy(asyncio.DefaultEventLoopPolicy):
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        return _SettlingLoop()
+
+
+@contextlib.contextmanager
+def settled_reads() -> Iterator[None]:
+    """Makes a failed Orbax restore fail quietly: one exception, no chatter.
+
+    Orbax runs each restore in a fresh event loop and closes it as soon as one read fails; the
+    reads still in flight then complete into the closed loop, and each prints an "Event loop is
+    closed" traceback or "Task exception was never retrieved", at any later time. Inside this
+    context Orbax's loops wait for them before closing.
+    """
+    previous = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(_SettlingPolicy())
+    try:
+        yield
+    finally:
+        asyncio.set_event_loop_policy(previous)
 
 
 def save(directory: str | os.PathLike, params: model.Params, config: BackpackConfig) -> None:
@@ -60,8 +113,11 @@ def restore_params(params_dir: str | os.PathLike, config: BackpackConfig) -> mod
     params_dir = pathlib.Path(params_dir).absolute()
     target = with_sharding(model.abstract_params(config),
                            jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-    with ocp.StandardCheckpointer() as checkpointer:
-        stored = _shapes(ocp.PyTreeCheckpointHandler().metadata(params_dir))
+    with ocp.StandardCheckpointer() as checkpointer, settled_reads():
+        try:
+            stored = _shapes(ocp.PyTreeCheckpointHandler().metadata(params_dir))
+        except Exception as e:  # Whatever the storage layer raises: missing, truncated, garbled.
+            raise UnreadableCheckpoint(f"{params_dir} does not load: {read_error(e)}") from e
         wanted = _shapes(target)
         problems = [f"{name} is {stored.get(name, 'missing')}, the config needs {shape}"
                     for name, shape in wanted.items() if stored.get(name) != shape]
@@ -71,16 +127,44 @@ def restore_params(params_dir: str | os.PathLike, config: BackpackConfig) -> mod
             raise ValueError(f"{params_dir} does not hold the model its {hf.CONFIG_FILE} "
                              f"describes ({len(problems)} parameter(s) differ): "
                              + "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else ""))
-        return checkpointer.restore(params_dir, target)
+        try:
+            return checkpointer.restore(params_dir, target)
+        except Exception as e:
+            raise UnreadableCheckpoint(f"{params_dir} does not load: {read_error(e)}") from e
+
+
+def step_dirs(directory: str | os.PathLike) -> list[pathlib.Path]:
+    """The finished steps of a training workdir's checkpoints, newest first."""
+    steps = pathlib.Path(directory) / STEPS_DIR
+    if not steps.is_dir():
+        return []
+    finished = [p for p in steps.iterdir() if p.name.isdigit() and (p / PARAMS_DIR).is_dir()]
+    return sorted(finished, key=lambda p: int(p.name), reverse=True)
 
 
 def latest_step_dir(directory: str | os.PathLike) -> pathlib.Path | None:
     """The newest finished step of a training workdir's checkpoints, if any."""
-    steps = pathlib.Path(directory) / STEPS_DIR
-    if not steps.is_dir():
-        return None
-    finished = [p for p in steps.iterdir() if p.name.isdigit() and (p / PARAMS_DIR).is_dir()]
-    return max(finished, key=lambda p: int(p.name), default=None)
+    return next(iter(step_dirs(directory)), None)
+
+
+def _newest_readable_step(workdir: pathlib.Path, steps: list[pathlib.Path]
+                          ) -> tuple[model.Params, BackpackConfig]:
+    """The parameters of the newest step that loads; a warning line for each newer one."""
+    config = hf.read_config(workdir)
+    failed = []
+    for step in steps:
+        try:
+            params = restore_params(step / PARAMS_DIR, config)
+        except UnreadableCheckpoint as e:
+            failed.append((step.name, read_error(e)))
+            continue
+        for name, reason in failed:
+            print(f"warning: checkpoint step {name} of {workdir} does not load ({reason}); "
+                  f"using step {step.name}", file=sys.stderr, flush=True)
+        return params, config
+    raise UnreadableCheckpoint(f"no checkpoint step of {workdir} loads (steps "
+                               f"{', '.join(n for n, _ in failed)}; step {failed[0][0]}: "
+                               f"{failed[0][1]})")
 
 
 def load(path: str | os.PathLike) -> tuple[model.Params, BackpackConfig]:
@@ -92,10 +176,9 @@ def load(path: str | os.PathLike) -> tuple[model.Params, BackpackConfig]:
         config_dir = path if (path / hf.CONFIG_FILE).is_file() else path.parent.parent
         config = hf.read_config(config_dir)
         return restore_params(path / PARAMS_DIR, config), config
-    step = latest_step_dir(path)
-    if step is not None:
-        config = hf.read_config(path)
-        return restore_params(step / PARAMS_DIR, config), config
+    steps = step_dirs(path)
+    if steps:
+        return _newest_readable_step(path, steps)
     weights = [f for f in hf.files.WEIGHT_FILES if (path / f).is_file()]
     if (path / hf.CONFIG_FILE).is_file() and weights:
         return hf.load_hf(path)

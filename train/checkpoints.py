@@ -6,20 +6,25 @@ Each step directory holds three items:
   - `opt_state`: the optimizer state (StandardSave);
   - `train`: JSON with the step, the dropout RNG key and the data iterator's state.
 Orbax writes a step into `<step>.orbax-checkpoint-tmp` and renames it when complete, so an
-interrupted save never replaces (or looks like) a finished one.
+interrupted save never replaces (or looks like) a finished one. A finished step can still be
+damaged later (a node dying during a filesystem flush): resuming moves it aside to
+`<step>.damaged-<time>`, kept for inspection, and uses the newest step that restores.
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
+import sys
+import time
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
-from backpack_jax.checkpoint import STEPS_DIR, with_sharding
+from backpack_jax.checkpoint import STEPS_DIR, read_error, settled_reads, with_sharding
 from train.step import TrainState
 
 
@@ -28,9 +33,13 @@ class TrainCheckpoints:
 
     def __init__(self, workdir: str | os.PathLike, keep: int) -> None:
         self.directory = pathlib.Path(workdir).absolute() / STEPS_DIR
-        self.manager = ocp.CheckpointManager(
+        self.keep = keep
+        self.manager = self._open()
+
+    def _open(self) -> ocp.CheckpointManager:
+        return ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+            options=ocp.CheckpointManagerOptions(max_to_keep=self.keep, create=True,
                                                  enable_async_checkpointing=True,
                                                  cleanup_tmp_directories=True))
 
@@ -63,6 +72,50 @@ class TrainCheckpoints:
             params=restored["params"], opt_state=restored["opt_state"],
             rng=jax.device_put(np.asarray(train["rng"], np.uint32), shardings.rng))
         return state, train["data"]
+
+    def restore_latest(self, like: TrainState, shardings: TrainState
+                       ) -> tuple[TrainState, dict[str, Any]] | None:
+        """`restore` of the newest step that restores; None if there are no checkpoints.
+
+        Newer steps that fail to read or verify are reported (a line each) and moved aside once
+        an older one has restored. If none restores, ValueError says so and nothing moves: then
+        the cause may not be the files (too little memory, another JAX or Orbax).
+        """
+        failed = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                with settled_reads():
+                    restored, reason = self.restore(step, like, shardings), None
+            except Exception as e:  # Any failure to read: run.py has ruled out another config.
+                restored, reason = None, read_error(e)
+            if jax.process_count() > 1 and not multihost_utils.process_allgather(
+                    np.int32(reason is None)).all():
+                reason = reason or "another process could not read it"
+            if reason is None:
+                if failed:
+                    self._move_aside(failed)
+                return restored
+            failed.append((step, reason))
+        if failed:
+            raise ValueError(
+                f"no checkpoint in {self.directory} restores (steps "
+                f"{', '.join(str(s) for s, _ in failed)}; step {failed[0][0]}: {failed[0][1]}); "
+                "nothing was moved: repair them, or use another --workdir")
+        return None
+
+    def _move_aside(self, failed: list[tuple[int, str]]) -> None:
+        """Renames damaged steps to `<step>.damaged-<time>`, which neither Orbax nor `load` read."""
+        if jax.process_index() == 0:
+            stamp = time.strftime("%Y%m%dT%H%M%S")
+            for step, reason in failed:
+                aside = self.directory / f"{step}.damaged-{stamp}"
+                os.rename(self.directory / str(step), aside)
+                print(f"warning: checkpoint step {step} does not restore ({reason}); moved it "
+                      f"to {aside}", file=sys.stderr, flush=True)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("damaged checkpoints moved aside")
+        self.manager.close()  # It still lists the moved steps.
+        self.manager = self._open()
 
     def wait_until_finished(self) -> None:
         self.manager.wait_until_finished()

@@ -5,13 +5,15 @@
 NAME is a preset of `backpack_jax.config` (gpt2_small, gpt2_mini, gpt2_micro, tiny);
 `--config.FIELD=VALUE` overrides one of its fields (nested: `--config.model.n_layer=3`), parsed
 and type-checked by ml_collections' `config_flags`. The workdir defaults to /tmp/backpack_NAME.
-A workdir that already holds checkpoints is resumed from its latest step (same losses as an
-uninterrupted run). SIGTERM saves a checkpoint and exits cleanly; a NaN or infinite loss stops
+A workdir that already holds checkpoints is resumed from its newest step that restores (same
+losses as an uninterrupted run; damaged newer steps are moved aside). One run at a time holds a
+workdir (WORKDIR/lock). SIGTERM saves a checkpoint and exits cleanly; a NaN or infinite loss stops
 the run, keeping the last good checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -37,6 +39,7 @@ from train import data, optim, sharding
 from train.checkpoints import TrainCheckpoints
 from train.configs import validate
 from train.eval import heldout_loss
+from train.lock import WorkdirBusy, WorkdirLock, lock_workdir
 from train.metrics import MetricsLog, peak_flops_per_device, plot_loss_curve, read_metrics
 from train.step import (
     abstract_state,
@@ -126,6 +129,7 @@ class _Run:
     batches: data.BatchIterator
     state: Any
     ckpts: TrainCheckpoints
+    lock: WorkdirLock | None  # Process 0's; released when the run ends.
     train_step: Callable
     eval_step: Callable
 
@@ -134,9 +138,10 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, init_from: str | No
             ) -> _Run:
     """Validates the config, opens the data, loads `init_from` or the latest checkpoint.
 
-    Raises FileNotFoundError or ValueError naming the user's mistake. The dataset and
-    `init_from` are read before the workdir is written, so that a mistake in either leaves
-    nothing behind that a corrected command would have to match.
+    Raises FileNotFoundError or ValueError naming the user's mistake, WorkdirBusy if another
+    run holds the workdir. The dataset and `init_from` are read before the workdir is written,
+    so that a mistake in either leaves nothing behind that a corrected command would have to
+    match; the lock is taken before anything in it is written.
     """
     validate(config)
     workdir = pathlib.Path(workdir).expanduser().absolute()
@@ -152,31 +157,37 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, init_from: str | No
     params = _initial_params(init_from, model_cfg) if init_from and not resuming else None
     if primary:
         workdir.mkdir(parents=True, exist_ok=True)
-    _check_train_config(workdir, config)
+    with contextlib.ExitStack() as undo:  # Until the run is ready; then `_loop` cleans up.
+        lock = lock_workdir(workdir)
+        if lock is not None:
+            undo.callback(lock.release)
+        _check_train_config(workdir, config)
+        optimizer, schedule = optim.make_optimizer(config), optim.make_schedule(config)
+        ckpts = TrainCheckpoints(workdir, config.keep_checkpoints)
+        undo.callback(ckpts.close)  # Orbax's threads would otherwise chatter at exit.
+        abstract = abstract_state(config, model_cfg, optimizer)
+        shardings = state_shardings(abstract, mesh)
+        restored = ckpts.restore_latest(abstract, shardings)
+        if restored is not None:
+            state, data_state = restored
+            batches.set_state(data_state)
+        else:
+            state = init_state(config, model_cfg, optimizer, shardings, params)
+        if primary:
+            hf.write_config(workdir, model_cfg)
+        run = _Run(config, workdir, mesh, batches, state, ckpts, lock,
+                   make_train_step(config, model_cfg, optimizer, schedule, mesh, shardings),
+                   make_eval_step(make_model(model_cfg, config.dtype, config.remat), accum, mesh,
+                                  shardings.params))
+        undo.pop_all()
     if primary:
-        hf.write_config(workdir, model_cfg)
-
-    optimizer, schedule = optim.make_optimizer(config), optim.make_schedule(config)
-    ckpts = TrainCheckpoints(workdir, config.keep_checkpoints)
-    latest = ckpts.latest_step()
-    abstract = abstract_state(config, model_cfg, optimizer)
-    shardings = state_shardings(abstract, mesh)
-    if latest is not None:
-        state, data_state = ckpts.restore(latest, abstract, shardings)
-        batches.set_state(data_state)
-    else:
-        state = init_state(config, model_cfg, optimizer, shardings, params)
-    if primary:
-        how = (f"resuming from step {latest}" if latest is not None
+        how = (f"resuming from step {int(state.step)}" if restored is not None
                else f"starting from {init_from}" if init_from else "starting")
         print(f"{how}: {config.steps} steps of {config.batch_size} x {config.seq_len} tokens on "
               f"{jax.device_count()} {jax.devices()[0].device_kind} device(s), mesh "
               f"{dict(mesh.shape)}, {accum} micro-batch(es) of {micro} per device; "
               f"workdir {workdir}", flush=True)
-    return _Run(config, workdir, mesh, batches, state, ckpts,
-                make_train_step(config, model_cfg, optimizer, schedule, mesh, shardings),
-                make_eval_step(make_model(model_cfg, config.dtype, config.remat), accum, mesh,
-                               shardings.params))
+    return run
 
 
 class _Log:
@@ -246,6 +257,8 @@ def _loop(run: _Run) -> dict[str, Any]:
     saved_step = ckpts.latest_step()
     try:
         for step in range(start + 1, config.steps + 1):
+            if run.lock is not None:
+                run.lock.check()
             batch = global_batch(next(run.batches), run.mesh, config.batch_size)
             state, metrics = run.train_step(state, batch)
             if pending is not None:
@@ -270,6 +283,8 @@ def _loop(run: _Run) -> dict[str, Any]:
         ckpts.close()  # Waits for a save in flight.
         log.bar.close()
         preemption.close()
+        if run.lock is not None:
+            run.lock.release()
     return _summary(run, int(state.step), saved_step, log)
 
 
@@ -354,13 +369,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {e}\n{USAGE}", file=sys.stderr)
         sys.exit(2)
     sharding.maybe_initialize_distributed()
-    try:  # The user's input, not a bug: one line.
+    try:  # The user's input or the workdir's state, not a bug: one line.
         run = prepare(config, workdir, init_from)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, WorkdirBusy) as e:
         sys.exit(f"error: {e}")
     try:
         _loop(run)
-    except TrainingDiverged as e:
+    except (TrainingDiverged, WorkdirBusy) as e:
         sys.exit(f"error: {e}")
 
 if __name__ == "__main__":

@@ -1,0 +1,245 @@
+"""Faults of shared clusters, end to end on a tiny run: a second run on a live workdir, locks left
+by dead runs, damaged checkpoints. Each checks that nothing was lost (intact checkpoints kept,
+damaged ones moved aside, losses equal to an uninterrupted run's, each step logged once) and
+that a failed run says so in one line.
+"""
+
+import json
+import os
+import pathlib
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from backpack_jax import checkpoint
+from train import metrics
+from train.eval import main as eval_main
+from train.lock import LOCK_FILE, TIMEOUT_ENV, WorkdirBusy, WorkdirLock
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+STEPS = 12
+OVERRIDES = {"model.n_embd": 32, "model.n_layer": 1, "seq_len": 32, "batch_size": 4,
+             "steps": STEPS, "warmup_steps": 2, "log_every": 1, "eval_every": 100,
+             "eval_batches": 2, "checkpoint_every": 3}
+ARGS = ["--config=tiny"] + [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+HOST = socket.gethostname()
+
+
+def _run(workdir, cache, wait=True):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "train.run", *ARGS, f"--workdir={workdir}"], cwd=ROOT,
+        env=dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
+                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if not wait:
+        return proc
+    out, err = proc.communicate(timeout=300)
+    return proc.returncode, out, [line for line in re.split(r"[\r\n]", err)  # Not tqdm's bar.
+                                  if line and not line.startswith("train:")]
+
+
+def _varying_as_n(line):
+    """`line` with what differs between runs as N: heartbeat ages, and which array of a damaged
+    file fails first (its name and byte range)."""
+    line = re.sub(r'Error reading "[^"]+"', 'Error reading "N"', line)
+    line = re.sub(r"byte range \[\d+, \d+\)", "byte range [N, N)", line)
+    return re.sub(r"heartbeat \d+", "heartbeat N", line)
+
+
+def _files(workdir):
+    """Every file under `workdir` with its size and modification time."""
+    return {str(p.relative_to(workdir)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in pathlib.Path(workdir).rglob("*") if p.is_file()}
+
+
+def _steps(workdir):
+    return sorted(int(p.name) for p in (workdir / checkpoint.STEPS_DIR).iterdir()
+                  if p.name.isdigit())
+
+
+def _losses(workdir):
+    records = metrics.read_metrics(workdir)
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))  # Each step once.
+    return [(r["loss"], r.get("eval_loss")) for r in records]
+
+
+def _damage(workdir, step):
+    """Truncates the largest data file of a step's parameters, as a node dying mid-flush does."""
+    params = workdir / checkpoint.STEPS_DIR / str(step) / checkpoint.PARAMS_DIR
+    largest = max((p for p in params.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    os.truncate(largest, 1000)
+
+
+def _dead_pid():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _write_lock(workdir, host, pid, heartbeat_age_s=0.0):
+    beat = time.time() - heartbeat_age_s
+    (workdir / LOCK_FILE).write_text(json.dumps({
+        "host": host, "pid": pid, "started": "2025-01-01T00:00:00+00:00",
+        "heartbeat": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(beat))}))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("jax_cache")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cache):
+    """An uninterrupted run, stopped (SIGSTOP) after its first checkpoint while a second
+    `train.run` on its workdir is tried: (workdir, its lock, the second run's result, the
+    workdir's files before and after the second run)."""
+    workdir = tmp_path_factory.mktemp("reference")
+    first = _run(workdir, cache, wait=False)
+    deadline = time.time() + 300
+    while not (workdir / checkpoint.STEPS_DIR).is_dir() or not _steps(workdir):
+        assert first.poll() is None and time.time() < deadline, first.communicate()
+        time.sleep(0.02)
+    first.send_signal(signal.SIGSTOP)
+    try:
+        holder = json.loads((workdir / LOCK_FILE).read_text())
+        before = _files(workdir)
+        second = _run(workdir, cache)
+        after = _files(workdir)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0 and "done: step 12" in out, err
+    return workdir, holder, second, before, after
+
+
+@pytest.mark.slow
+def test_a_second_run_on_a_live_workdir_stops_at_once_and_writes_nothing(reference):
+    workdir, holder, (rc, out, err), before, after = reference
+    assert rc == 1 and out == "", out
+    assert [_varying_as_n(line) for line in err] == [
+        f"error: {workdir} is in use by another run (host {HOST}, pid {holder['pid']}, since "
+        f"{holder['started']}, heartbeat N s ago); wait for it to end or use another --workdir"]
+    assert after == before
+    assert not (workdir / LOCK_FILE).exists()  # The first run removed its lock at the end.
+    _losses(workdir)  # Only the first run logged: each step once.
+
+
+@pytest.mark.slow
+def test_damaged_latest_checkpoint_is_moved_aside_and_the_run_resumes_exactly(
+        reference, cache, tmp_path):
+    workdir = shutil.copytree(reference[0], tmp_path / "w")
+    _damage(workdir, STEPS)
+    damaged = _files(workdir / checkpoint.STEPS_DIR / str(STEPS))
+    dead = _dead_pid()
+    _write_lock(workdir, HOST, dead)  # The killed run's lock is still there.
+    rc, out, err = _run(workdir, cache)
+    assert rc == 0 and "resuming from step 9:" in out, (out, err)
+    aside = list((workdir / checkpoint.STEPS_DIR).glob(f"{STEPS}.damaged-*"))
+    assert len(aside) == 1 and len(err) == 2, err
+    assert [_varying_as_n(line) for line in err] == [
+        f"warning: taking over {workdir / LOCK_FILE} from a run that ended without removing it: "
+        f"host {HOST}, pid {dead}, since 2025-01-01T00:00:00+00:00, heartbeat N s ago",
+        f"warning: checkpoint step {STEPS} does not restore (OUT_OF_RANGE: Error reading "
+        f'"N" in OCDBT database at local file '
+        f'"{workdir}/checkpoints/{STEPS}/params/": Requested byte range [N, N) is not valid for '
+        f"value of size 1000); moved it to {aside[0]}"]
+    assert _files(aside[0]).keys() == damaged.keys()  # Moved whole, not deleted.
+    assert _steps(workdir) == [6, 9, 12] and not (workdir / LOCK_FILE).exists()
+    assert _losses(workdir) == _losses(reference[0])
+
+
+@pytest.mark.slow
+def test_no_checkpoint_restores_is_one_line_and_moves_nothing(reference, cache, tmp_path):
+    workdir = shutil.copytree(reference[0], tmp_path / "w")
+    for step in _steps(workdir):
+        _damage(workdir, step)
+    before = _files(workdir)
+    rc, out, err = _run(workdir, cache)
+    assert rc == 1 and out == "" and len(err) == 1, (out, err)
+    assert err[0].startswith(f"error: no checkpoint in {workdir}/checkpoints restores (steps 12, "
+                             "9, 6; step 12: OUT_OF_RANGE: Error reading"), err
+    assert err[0].endswith("nothing was moved: repair them, or use another --workdir"), err
+    assert _files(workdir) == before  # Not even the lock is left.
+
+
+@pytest.mark.slow
+def test_load_falls_back_to_the_newest_step_that_loads_and_moves_nothing(
+        reference, tmp_path, capfd):
+    workdir = shutil.copytree(reference[0], tmp_path / "w")
+    _damage(workdir, STEPS)
+    before = _files(workdir)
+    params, _ = checkpoint.load(workdir)
+    err = capfd.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        f"warning: checkpoint step 12 of {workdir} does not load (OUT_OF_RANGE:"), err
+    assert err[0].endswith("; using step 9"), err
+    jax.tree.map(np.testing.assert_array_equal, params,
+                 checkpoint.load(workdir / checkpoint.STEPS_DIR / "9")[0])
+    assert _files(workdir) == before
+
+    for step in (6, 9):
+        _damage(workdir, step)
+    with pytest.raises(SystemExit) as e:
+        eval_main(["--checkpoint", str(workdir)])
+    assert str(e.value.code).startswith(
+        f"error: no checkpoint step of {workdir} loads (steps 12, 9, 6; step 12: OUT_OF_RANGE")
+    assert capfd.readouterr().err == ""  # No chatter from the abandoned reads.
+
+
+def test_lock_is_exclusive_refreshed_and_removed(tmp_path, monkeypatch):
+    monkeypatch.setenv(TIMEOUT_ENV, "7")
+    assert WorkdirLock(tmp_path).timeout_s == 7
+    monkeypatch.setenv(TIMEOUT_ENV, "0")
+    with pytest.raises(ValueError, match=f"{TIMEOUT_ENV}='0' is not a positive number"):
+        WorkdirLock(tmp_path)
+    monkeypatch.delenv(TIMEOUT_ENV)
+    first = WorkdirLock(tmp_path, timeout_s=1.0)  # Heartbeat every 0.1 s.
+    first.acquire()
+    record = json.loads((tmp_path / LOCK_FILE).read_text())
+    assert record.keys() == {"host", "pid", "started", "heartbeat"}
+    assert (record["host"], record["pid"]) == (HOST, os.getpid())
+    time.sleep(1.5)  # Longer than the timeout: only the heartbeat keeps it live.
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["heartbeat"] != record["heartbeat"]
+    with pytest.raises(WorkdirBusy) as e:
+        WorkdirLock(tmp_path, timeout_s=1.0).acquire()
+    assert _varying_as_n(str(e.value)) == (
+        f"{tmp_path} is in use by another run (host {HOST}, pid {os.getpid()}, since "
+        f"{record['started']}, heartbeat N s ago); wait for it to end or use another --workdir")
+    first.check()
+    first.release()
+    assert list(tmp_path.iterdir()) == []
+    second = WorkdirLock(tmp_path)
+    second.acquire()
+    second.release()
+
+
+def test_stale_locks_are_taken_over_and_the_old_owner_stops(tmp_path, capsys):
+    _write_lock(tmp_path, "elsewhere", 1, heartbeat_age_s=20)  # Another host: its heartbeat.
+    with pytest.raises(WorkdirBusy, match="in use by another run .host elsewhere, pid 1, since"):
+        WorkdirLock(tmp_path, timeout_s=30).acquire()
+    lock = WorkdirLock(tmp_path, timeout_s=10)
+    lock.acquire()
+    assert _varying_as_n(capsys.readouterr().err) == (
+        f"warning: taking over {tmp_path / LOCK_FILE} from a run that stopped its heartbeat "
+        f"({TIMEOUT_ENV}=10 s): host elsewhere, pid 1, since 2025-01-01T00:00:00+00:00, "
+        "heartbeat N s ago\n")
+    # The old owner comes back (it looked stale) and takes the lock over: this run must stop.
+    _write_lock(tmp_path, "elsewhere", 1)
+    deadline = time.time() + 10
+    while lock.lost is None and time.time() < deadline:
+        time.sleep(0.05)
+    with pytest.raises(WorkdirBusy) as e:
+        lock.check()
+    assert _varying_as_n(str(e.value)) == (
+        f"{tmp_path / LOCK_FILE} was taken over by another run (host elsewhere, pid 1, since "
+        "2025-01-01T00:00:00+00:00, heartbeat N s ago); stopping without saving")
+    lock.release()
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["host"] == "elsewhere"  # Not ours.

@@ -2,10 +2,12 @@
 
 Each new token costs one token's work: the prompt is run once (prefill) into a `DecodeCache`
 holding every GPT-2 layer's keys and values, the weight network's keys and the sense vectors of
-the tokens seen so far; each decode step then runs the model on the one new token against that
-cache. `stream` dispatches one jitted step per token so that each arrives as soon as it is
-chosen; `generate` runs the whole loop on the device (`lax.while_loop`), without a host round
-trip per token. Both are compiled once per (batch size, prompt length, length budget).
+the tokens seen so far (and the state of a sense edit that reweights alpha, such as the paper's
+annealed topic control, `topic.TopicControl`); each decode step then runs the model on the one
+new token against that cache. `stream` dispatches one jitted step per token so that each
+arrives as soon as it is chosen; `generate` runs the whole loop on the device
+(`lax.while_loop`), without a host round trip per token. Both are compiled once per (batch
+size, prompt length, length budget).
 
 Prompts of different lengths are left-padded to a common length; each row's position ids count
 from its first real token and `attend_BxSxT` hides the padding slots, so a padded row yields the

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from tqdm import tqdm
 
 from backpack_jax.config import BackpackConfig
-from backpack_jax.model import BackpackLM, Params, SenseEdit
+from backpack_jax.model import BackpackLM, Params, ReweightInputs, SenseEdit
 
 
 @flax.struct.dataclass
@@ -34,6 +34,12 @@ class SenseTable:
         looked_up = jnp.take(self.senses_VxKxD, input_ids_BxS, axis=0)
         looked_up = looked_up.astype(senses_BxSxKxD.dtype)
         return looked_up if self.then is None else self.then.edit(input_ids_BxS, looked_up)
+
+    def reweight(self, alpha_BxKxSxT: jax.Array, inputs: ReweightInputs, state: Any
+                 ) -> tuple[jax.Array, Any]:
+        """Passes alpha to `then`'s reweight (the annealed topic control has one)."""
+        then = getattr(self.then, "reweight", None)
+        return (alpha_BxKxSxT, state) if then is None else then(alpha_BxKxSxT, inputs, state)
 
 
 def nbytes(config: BackpackConfig, dtype: Any = jnp.float32) -> int:

@@ -54,3 +54,22 @@ def test_then_edits_the_looked_up_senses(params_and_table):
     got = model.apply(params, ids, CONFIG, sense_edit=doubled).logits
     want = model.apply(params, ids, CONFIG).logits * 2.0  # logits are linear in the senses
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_then_keeps_a_reweighting_edit(params_and_table):
+    """A table wrapping the annealed topic control gives that control's logits, cached too."""
+    from backpack_jax import topic
+    params, table = params_and_table
+    delta_VxK = np.random.default_rng(1).choice([1.0, 1.5, 3.3], (300, CONFIG.num_senses))
+    control = topic.TopicControl.from_weights(delta_VxK)
+    ids = jnp.asarray(np.random.default_rng(2).integers(0, 300, (2, 7)), jnp.int32)
+    want = model.apply(params, ids, CONFIG, sense_edit=control).logits
+    assert not np.allclose(want, model.apply(params, ids, CONFIG).logits, atol=1e-3)
+    wrapped = sense_table.SenseTable(table.senses_VxKxD, then=control)
+    got = model.apply(params, ids, CONFIG, sense_edit=wrapped).logits
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    a = generate.generate(params, CONFIG, np.asarray(ids[:, :3]), 4, return_logits=True,
+                          sense_edit=control)
+    b = generate.generate(params, CONFIG, np.asarray(ids[:, :3]), 4, return_logits=True,
+                          sense_edit=wrapped)
+    np.testing.assert_allclose(b.logits, a.logits, rtol=1e-5, atol=1e-6)

@@ -1,9 +1,11 @@
 """Faults of shared clusters, end to end on a tiny run: a second run on a live workdir, locks left
-by dead runs, damaged checkpoints. Each checks that nothing was lost (intact checkpoints kept,
-damaged ones moved aside, losses equal to an uninterrupted run's, each step logged once) and
-that a failed run says so in one line.
+by dead runs, damaged checkpoints, a full disk, data rebuilt under a resumed run. Each checks that
+nothing was lost (intact checkpoints kept, damaged ones moved aside, losses equal to an
+uninterrupted run's, each step logged once) and that a failed run says so in one line.
 """
 
+import errno
+import io
 import json
 import os
 import pathlib
@@ -16,13 +18,18 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from backpack_jax import checkpoint
-from train import metrics
+from backpack_jax.config import get_config
+from train import data, metrics
+from train.checkpoints import TrainCheckpoints, WriteFailed
 from train.eval import main as eval_main
 from train.lock import LOCK_FILE, TIMEOUT_ENV, WorkdirBusy, WorkdirLock
+from train.run import ALLOW_DATA_CHANGE_ENV, FINGERPRINT, main, train
+from train.step import TrainState
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 12
@@ -31,11 +38,26 @@ OVERRIDES = {"model.n_embd": 32, "model.n_layer": 1, "seq_len": 32, "batch_size"
              "eval_batches": 2, "checkpoint_every": 3}
 ARGS = ["--config=tiny"] + [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
 HOST = socket.gethostname()
+# `python -m train.run` whose writes into the checkpoint step argv[1] being saved go to /dev/full,
+# where the kernel answers ENOSPC. Orbax writes that step's JSON and metadata files with Python's
+# `open`, in its commit threads. (The arrays go through tensorstore's C++ file driver, which no
+# Python patch reaches; on a really full disk they fail first, with the same outcome: see the
+# first line under "A full disk" in docs/training.md.)
+FULL_DISK = """
+import builtins, runpy, sys
+step, real_open = sys.argv.pop(1), builtins.open
+def open_(file, mode="r", *args, **kwargs):
+    if "w" in mode and f"/{step}.orbax-checkpoint-tmp/" in str(file):
+        file = "/dev/full"
+    return real_open(file, mode, *args, **kwargs)
+builtins.open = open_
+runpy.run_module("train.run", run_name="__main__", alter_sys=True)
+"""
 
 
-def _run(workdir, cache, wait=True):
+def _run(workdir, cache, wait=True, entry=("-m", "train.run")):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "train.run", *ARGS, f"--workdir={workdir}"], cwd=ROOT,
+        [sys.executable, *entry, *ARGS, f"--workdir={workdir}"], cwd=ROOT,
         env=dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
                  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -243,3 +265,138 @@ def test_stale_locks_are_taken_over_and_the_old_owner_stops(tmp_path, capsys):
         "2025-01-01T00:00:00+00:00, heartbeat N s ago); stopping without saving")
     lock.release()
     assert json.loads((tmp_path / LOCK_FILE).read_text())["host"] == "elsewhere"  # Not ours.
+
+
+@pytest.mark.slow
+def test_full_disk_during_a_save_stops_in_one_line_and_the_run_resumes_exactly(
+        reference, cache, tmp_path):
+    workdir = tmp_path / "w"
+    rc, out, err = _run(workdir, cache, entry=("-c", FULL_DISK, "6"))
+    # The save of step 6 fails in Orbax's commit thread; the run notices when it saves step 9.
+    assert rc == 1 and out.startswith("starting:") and "Traceback" not in out, (out, err)
+    assert err == ["error: saving checkpoint step 6 failed: [Errno 28] No space left on device; "
+                   "the last saved step 3 is intact: free space and run the same command to "
+                   "resume"]
+    assert sorted(p.name for p in (workdir / checkpoint.STEPS_DIR).iterdir()) == ["3"]
+    assert not (workdir / LOCK_FILE).exists()
+    assert [r["step"] for r in metrics.read_metrics(workdir)] == list(range(1, 10))
+
+    rc, out, err = _run(workdir, cache)
+    assert rc == 0 and "resuming from step 3:" in out and err == [], (out, err)
+    assert _steps(workdir) == [6, 9, 12] and not list(workdir.glob("**/*.tmp"))
+    assert _losses(workdir) == _losses(reference[0])
+
+
+def _tiny_state(step):
+    return TrainState(step=jnp.int32(step), params={"w": jnp.full(4, float(step))},
+                      opt_state={"m": jnp.zeros(4)}, rng=jnp.zeros(2, jnp.uint32))
+
+
+def test_a_failed_last_save_keeps_the_previous_step_and_leaves_no_partial_one(
+        tmp_path, monkeypatch, capfd):
+    ckpts = TrainCheckpoints(tmp_path, keep=3)
+    ckpts.save(_tiny_state(1), {})
+    ckpts.wait_until_finished()
+    # The step's JSON item goes to /dev/full. It is written last, so no other writer is still at
+    # work when the partial step is removed.
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda file, mode="r", *args, **kwargs: real_open(
+        "/dev/full" if "w" in mode and "/train.orbax-checkpoint-tmp/" in str(file) else file,
+        mode, *args, **kwargs))
+    with pytest.raises(WriteFailed) as e:
+        ckpts.save(_tiny_state(2), {})
+        ckpts.wait_until_finished()  # The run's last save: nothing else waits for it.
+    ckpts.close()
+    assert str(e.value) == (
+        "saving checkpoint step 2 failed: [Errno 28] No space left on device; the last saved "
+        "step 1 is intact: free space and run the same command to resume")
+    assert sorted(p.name for p in (tmp_path / checkpoint.STEPS_DIR).iterdir()) == ["1"]
+    assert capfd.readouterr().err == ""  # Orbax's error logs and asyncio's are not printed.
+
+
+def test_metrics_and_whole_files_stay_whole_when_the_disk_fills(tmp_path, monkeypatch):
+    log = metrics.MetricsLog(tmp_path)
+    log.write({"step": 1, "loss": 2.0})
+
+    class FillingUp(io.FileIO):
+        def write(self, b):  # Takes the start of the line, then the disk is full.
+            if len(b) > 4:
+                return super().write(b[:4])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as m:
+        m.setattr(pathlib.Path, "open", lambda self, mode, buffering: FillingUp(self, mode))
+        with pytest.raises(OSError, match="No space left on device"):
+            log.write({"step": 2, "loss": 1.0})
+    log.write({"step": 2, "loss": 1.5})  # Space was freed: the log goes on, whole lines only.
+    assert log.path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
+
+    path = tmp_path / "train_config.json"
+    path.write_text("old")
+    with pytest.raises(OSError), metrics.replacing(path) as tmp:
+        tmp.write_text("par")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert path.read_text() == "old" and sorted(os.listdir(tmp_path)) == [
+        "metrics.jsonl", "train_config.json"]
+
+
+def _prepare(source, data_dir, documents, seed):
+    """`python -m train.data prepare` of `documents` text files of seeded random words."""
+    rng = np.random.default_rng(seed)
+    words = ["backpack", "sense", "vector", "token", "model", "data", "disk", "step", "loss"]
+    source.mkdir()
+    for i in range(documents):
+        (source / f"{i}.txt").write_text(" ".join(rng.choice(words, size=60)))
+    shutil.rmtree(data_dir / "faults", ignore_errors=True)  # A rebuild under the same name.
+    data.main(["prepare", "--source", str(source), "--name", "faults", "--data_dir",
+               str(data_dir), "--heldout_fraction", "0.25", "--workers", "1"])
+    return data.fingerprint("faults", data_dir)
+
+
+@pytest.mark.slow
+def test_resuming_on_rebuilt_data_stops_in_one_line_unless_allowed(tmp_path, monkeypatch, capfd):
+    data_dir, workdir = tmp_path / "tfds", tmp_path / "w"
+    before = _prepare(tmp_path / "a", data_dir, documents=30, seed=0)
+    overrides = {**OVERRIDES, "steps": 4, "checkpoint_every": 2, "data": "faults",
+                 "data_dir": str(data_dir)}
+    config = get_config("tiny")
+    config.update_from_flattened_dict(overrides)
+    train(config, workdir)
+    first = {r["step"]: r["loss"] for r in metrics.read_metrics(workdir)}
+    shutil.rmtree(workdir / checkpoint.STEPS_DIR / "4")  # As if killed after saving step 2.
+    after = _prepare(tmp_path / "b", data_dir, documents=36, seed=1)
+    changes = "; ".join(f"split {s!r} had {before['splits'][s]} examples, now {after['splits'][s]}"
+                        for s in ("heldout", "train"))
+    files = _files(workdir)
+    capfd.readouterr()
+
+    with pytest.raises(SystemExit) as e:
+        main(["--config=tiny", *(f"--config.{k}={v}" for k, v in overrides.items()),
+              f"--workdir={workdir}"])
+    assert e.value.code == (f"error: the training data changed since step 2: {changes}; set "
+                            f"{ALLOW_DATA_CHANGE_ENV}=1 to resume on it, or use another --workdir")
+    assert capfd.readouterr() == ("", "") and _files(workdir) == files  # Nothing written.
+
+    monkeypatch.setenv(ALLOW_DATA_CHANGE_ENV, "1")
+    train(config, workdir)
+    out, err = capfd.readouterr()
+    assert "resuming from step 2:" in out
+    assert [line for line in re.split(r"[\r\n]", err) if line and not line.startswith("train:")
+            ] == [f"warning: the training data changed since step 2 ({changes}); resuming on it "
+                  f"({ALLOW_DATA_CHANGE_ENV}=1)"]
+    resumed = {r["step"]: r["loss"] for r in metrics.read_metrics(workdir)}
+    assert sorted(resumed) == [1, 2, 3, 4] and resumed[2] == first[2] and resumed[3] != first[3]
+    saved = json.loads((workdir / checkpoint.STEPS_DIR / "4" / "train" / "metadata").read_text())
+    assert saved["data"][FINGERPRINT] == after  # The next resume checks against the new data.
+
+
+def test_fingerprint_changes_say_what_differs():
+    saved = {"name": "owt", "version": "1.0.0", "splits": {"train": 10, "heldout": 2},
+             "files": "a"}
+    assert data.fingerprint_changes(saved, saved) == []
+    assert data.fingerprint_changes(saved, {**saved, "files": "b"}) == [
+        "its prepared files differ (the same number of examples per split)"]
+    assert data.fingerprint_changes(saved, {"name": "owt2", "version": "1.0.0",
+                                            "splits": {"train": 10, "extra": 1}, "files": "b"}) == [
+        "its name was 'owt', now 'owt2'", "split 'extra' had no examples, now 1",
+        "split 'heldout' had 2 examples, now none"]

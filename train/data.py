@@ -10,11 +10,15 @@ Names resolve, in `data_dir`, to:
 Batches: the windows of `train.windows` are shuffled by seed (a new order each epoch), cut into
 global batches, and process p of P takes every P-th window, so global batch k is the same windows
 whatever P is and each process reads only its rows. The iterator state is the global batch index.
+
+`fingerprint` identifies the prepared data a name means now; training checkpoints record it, so
+that a run resumed on a dataset rebuilt under the same name notices.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 import re
@@ -86,6 +90,35 @@ def tokenized_builder(name: str | None, data_dir: str | os.PathLike | None = Non
         return _prepared_builder(tokenized, root)
     raise ValueError(f"dataset {name!r} has neither `{TOKENS}` nor `text` features "
                      f"({', '.join(features)})")
+
+
+def fingerprint(name: str | None, data_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The dataset's name, version, examples per split, and a digest of its files' names and
+    sizes and of its JSON metadata (TFDS's dataset_info.json, our metadata.json: sources, token
+    counts). Cheap for any corpus: the records themselves are not read."""
+    builder = tokenized_builder(name, data_dir)
+    digest = hashlib.sha256()
+    for path in sorted(Path(builder.data_path).iterdir()):
+        if path.is_file():
+            digest.update(f"{path.name}\0{path.stat().st_size}\n".encode())
+            if path.suffix == ".json":
+                digest.update(path.read_bytes())
+    return {"name": builder.name, "version": str(builder.info.version),
+            "splits": {split: info.num_examples for split, info in builder.info.splits.items()},
+            "files": digest.hexdigest()}
+
+
+def fingerprint_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """How the data `now` differs from the `saved` fingerprint's, in words; [] if it does not."""
+    changes = [f"its {key} was {saved.get(key)!r}, now {now.get(key)!r}"
+               for key in ("name", "version") if saved.get(key) != now.get(key)]
+    before, after = saved.get("splits", {}), now.get("splits", {})
+    changes += [f"split {split!r} had {before.get(split, 'no')} examples, now "
+                f"{after.get(split, 'none')}" for split in sorted(set(before) | set(after))
+                if before.get(split) != after.get(split)]
+    if not changes and saved.get("files") != now.get("files"):
+        changes.append("its prepared files differ (the same number of examples per split)")
+    return changes
 
 
 def load_stream(name: str | None, split: str, data_dir: str | os.PathLike | None = None

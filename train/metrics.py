@@ -1,13 +1,17 @@
 """Devices' peak FLOP/s for model-FLOPs utilisation, the metrics.jsonl log, the loss-curve plot.
 
-The FLOP counts per token are `backpack_jax.flops`.
+The FLOP counts per token are `backpack_jax.flops`. A write that fails (a full disk) leaves each
+file as it was: metrics.jsonl loses no earlier line and gains no partial one, and whole-file
+writes go through `replacing`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
+from collections.abc import Iterator
 from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
@@ -41,6 +45,18 @@ def peak_flops_per_device(device_kind: str, override: float | None = None) -> fl
     return None
 
 
+@contextlib.contextmanager
+def replacing(path: pathlib.Path) -> Iterator[pathlib.Path]:
+    """A temporary path for `path`'s new content, renamed over `path` once written: readers see
+    the old file or the new one, never a part; a failed write removes the temporary file."""
+    tmp = path.with_name(f"{path.name}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 class MetricsLog:
     """Appends one JSON object per logged step to WORKDIR/metrics.jsonl (primary process only)."""
 
@@ -54,14 +70,24 @@ class MetricsLog:
             return
         keep = [line for line in self.path.read_text().splitlines()
                 if _parses(line) and json.loads(line)["step"] <= step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, self.path)
+        with replacing(self.path) as tmp:
+            tmp.write_text("".join(line + "\n" for line in keep))
 
     def write(self, record: dict[str, Any]) -> None:
-        if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+        """Appends `record` as one line; if that fails, the file is cut back to its earlier end,
+        so that no partial line runs into the next record."""
+        if not self.enabled:
+            return
+        line = (json.dumps(record) + "\n").encode()
+        with self.path.open("ab", buffering=0) as f:  # Unbuffered: nothing left to flush later.
+            end = f.seek(0, os.SEEK_END)
+            try:
+                written = 0
+                while written < len(line):  # A disk filling up may take part of it first.
+                    written += f.write(line[written:])
+            except OSError:
+                f.truncate(end)
+                raise
 
 
 def _parses(line: str) -> bool:
@@ -97,6 +123,9 @@ def plot_loss_curve(workdir: str | os.PathLike) -> pathlib.Path:
     ax.grid(alpha=0.3)
     ax.legend()
     path = pathlib.Path(workdir) / CURVE_FILE
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        with replacing(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     return path

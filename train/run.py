@@ -8,7 +8,9 @@ and type-checked by ml_collections' `config_flags`. The workdir defaults to /tmp
 A workdir that already holds checkpoints is resumed from its newest step that restores (same
 losses as an uninterrupted run; damaged newer steps are moved aside). One run at a time holds a
 workdir (WORKDIR/lock). SIGTERM saves a checkpoint and exits cleanly; a NaN or infinite loss stops
-the run, keeping the last good checkpoint.
+the run, keeping the last good checkpoint; so does a failed write (a full disk). Each checkpoint
+records a fingerprint of the training data: resuming on other data stops, unless
+BACKPACK_ALLOW_DATA_CHANGE=1.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import pathlib
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -36,11 +38,18 @@ from backpack_jax import checkpoint, hf
 from backpack_jax.config import PRESETS, BackpackConfig, get_config, get_model_config
 from backpack_jax.flops import train_flops_per_token
 from train import data, optim, sharding
-from train.checkpoints import TrainCheckpoints
+from train.checkpoints import TrainCheckpoints, WriteFailed
 from train.configs import validate
 from train.eval import heldout_loss
 from train.lock import WorkdirBusy, WorkdirLock, lock_workdir
-from train.metrics import MetricsLog, peak_flops_per_device, plot_loss_curve, read_metrics
+from train.metrics import (
+    CURVE_FILE,
+    MetricsLog,
+    peak_flops_per_device,
+    plot_loss_curve,
+    read_metrics,
+    replacing,
+)
 from train.step import (
     abstract_state,
     accumulation,
@@ -54,6 +63,11 @@ from train.step import (
 
 TRAIN_CONFIG_FILE = "train_config.json"
 DROPOUT_FIELDS = ("resid_pdrop", "embd_pdrop", "attn_pdrop")
+FINGERPRINT = "fingerprint"  # Its key in a checkpoint's data state.
+# Like BACKPACK_LOCK_TIMEOUT, a variable of the environment, not a config field: it acknowledges a
+# resume and is no part of the recipe, which train_config.json records and every resume compares
+# (setting a field would be refused as another config, and so would older workdirs, without it).
+ALLOW_DATA_CHANGE_ENV = "BACKPACK_ALLOW_DATA_CHANGE"
 
 
 class TrainingDiverged(RuntimeError):
@@ -114,9 +128,32 @@ def _check_train_config(workdir: pathlib.Path, config: ml_collections.ConfigDict
             raise ValueError(f"{workdir} holds a run with another config (saved, now): {differ}; "
                              "use a new --workdir")
     elif jax.process_index() == 0:
-        tmp = path.with_suffix(".json.tmp")  # Other processes may read it: write, then rename.
-        tmp.write_text(json.dumps(now, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        with replacing(path) as tmp:  # Other processes may read it: whole or not at all.
+            tmp.write_text(json.dumps(now, indent=2, sort_keys=True) + "\n")
+
+
+def _allow_data_change() -> bool:
+    value = os.environ.get(ALLOW_DATA_CHANGE_ENV, "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{ALLOW_DATA_CHANGE_ENV}={value!r} must be 1 or 0")
+    return value == "1"
+
+
+def _resume_data(batches: data.BatchIterator, data_state: dict[str, Any],
+                 fingerprint: dict[str, Any], step: int, allow_change: bool) -> None:
+    """Puts `batches` where the checkpoint left them, on the data it recorded or, if a change is
+    allowed, at the same batch of the data there is now. Raises ValueError saying what changed."""
+    saved = data_state.pop(FINGERPRINT, None)  # None: saved before fingerprints were recorded.
+    changes = [] if saved is None else data.fingerprint_changes(saved, fingerprint)
+    if changes and not allow_change:
+        raise ValueError(f"the training data changed since step {step}: {'; '.join(changes)}; "
+                         f"set {ALLOW_DATA_CHANGE_ENV}=1 to resume on it, or use another --workdir")
+    if allow_change:
+        if changes and jax.process_index() == 0:
+            print(f"warning: the training data changed since step {step} ({'; '.join(changes)}); "
+                  f"resuming on it ({ALLOW_DATA_CHANGE_ENV}=1)", file=sys.stderr, flush=True)
+        data_state["pipeline"] = batches.get_state()["pipeline"]  # Its window count may differ.
+    batches.set_state(data_state)
 
 
 @dataclasses.dataclass
@@ -127,6 +164,7 @@ class _Run:
     workdir: pathlib.Path
     mesh: Any
     batches: data.BatchIterator
+    fingerprint: dict[str, Any]  # Of the training data, recorded in each checkpoint.
     state: Any
     ckpts: TrainCheckpoints
     lock: WorkdirLock | None  # Process 0's; released when the run ends.
@@ -138,12 +176,14 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, init_from: str | No
             ) -> _Run:
     """Validates the config, opens the data, loads `init_from` or the latest checkpoint.
 
-    Raises FileNotFoundError or ValueError naming the user's mistake, WorkdirBusy if another
-    run holds the workdir. The dataset and `init_from` are read before the workdir is written,
+    Raises FileNotFoundError or ValueError naming the user's mistake (or data that changed since
+    the checkpoint), WorkdirBusy if another run holds the workdir, OSError if the workdir cannot
+    be written (a full disk). The dataset and `init_from` are read before the workdir is written,
     so that a mistake in either leaves nothing behind that a corrected command would have to
     match; the lock is taken before anything in it is written.
     """
     validate(config)
+    allow_data_change = _allow_data_change()
     workdir = pathlib.Path(workdir).expanduser().absolute()
     primary = jax.process_index() == 0
     model_cfg = get_model_config(config)
@@ -153,6 +193,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, init_from: str | No
                                 batch_size=config.batch_size, seed=config.seed,
                                 data_dir=config.data_dir, process_index=jax.process_index(),
                                 process_count=jax.process_count())
+    fingerprint = data.fingerprint(config.data, config.data_dir)
     resuming = checkpoint.latest_step_dir(workdir) is not None
     params = _initial_params(init_from, model_cfg) if init_from and not resuming else None
     if primary:
@@ -170,12 +211,12 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, init_from: str | No
         restored = ckpts.restore_latest(abstract, shardings)
         if restored is not None:
             state, data_state = restored
-            batches.set_state(data_state)
+            _resume_data(batches, data_state, fingerprint, int(state.step), allow_data_change)
         else:
             state = init_state(config, model_cfg, optimizer, shardings, params)
         if primary:
             hf.write_config(workdir, model_cfg)
-        run = _Run(config, workdir, mesh, batches, state, ckpts, lock,
+        run = _Run(config, workdir, mesh, batches, fingerprint, state, ckpts, lock,
                    make_train_step(config, model_cfg, optimizer, schedule, mesh, shardings),
                    make_eval_step(make_model(model_cfg, config.dtype, config.remat), accum, mesh,
                                   shardings.params))
@@ -190,6 +231,17 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, init_from: str | No
     return run
 
 
+@contextlib.contextmanager
+def _writing(path: pathlib.Path, ckpts: TrainCheckpoints) -> Iterator[None]:
+    """Turns a failed write of `path` (a full disk) into WriteFailed, once the save in flight
+    is done: the run stops in one line that names the step a rerun resumes from."""
+    try:
+        yield
+    except OSError as e:
+        ckpts.wait_until_finished()
+        raise WriteFailed(f"writing {path}", e, ckpts.latest_step()) from None
+
+
 class _Log:
     """Per-step bookkeeping: the divergence check, throughput, held-out evaluations,
     metrics.jsonl and the progress bar."""
@@ -199,7 +251,8 @@ class _Log:
         self.run, self.start, self.last_eval = run, start, None
         self.primary = jax.process_index() == 0
         self.metrics = MetricsLog(run.workdir, enabled=self.primary)
-        self.metrics.truncate_after(start)
+        with _writing(self.metrics.path, run.ckpts):
+            self.metrics.truncate_after(start)
         self.tokens_per_step = config.batch_size * config.seq_len
         self.flops_per_step = self.tokens_per_step * train_flops_per_token(
             get_model_config(config), config.seq_len)
@@ -242,7 +295,8 @@ class _Log:
             record["eval_ppl"] = math.exp(record["eval_loss"])
             self.last_eval = record["eval_loss"]
             self.clock = (time.perf_counter(), step)  # Throughput excludes evaluation.
-        self.metrics.write(record)
+        with _writing(self.metrics.path, ckpts):
+            self.metrics.write(record)
         self.bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "lr", "tokens_per_s",
                                                                "mfu", "eval_loss")
                               if k in record}, refresh=False)
@@ -252,10 +306,15 @@ def _loop(run: _Run) -> dict[str, Any]:
     """Trains from the run's state to `config.steps`, saving and evaluating on schedule."""
     config, ckpts, state = run.config, run.ckpts, run.state
     start = int(state.step)
-    log, preemption = _Log(run, start), _Preemption()
     pending = None  # (step, metrics on device): read one step late so the host runs ahead.
     saved_step = ckpts.latest_step()
-    try:
+    with contextlib.ExitStack() as cleanup:  # Last in, first out: the lock goes last.
+        if run.lock is not None:
+            cleanup.callback(run.lock.release)
+        cleanup.callback(ckpts.close)  # Waits for a save in flight.
+        preemption = cleanup.enter_context(contextlib.closing(_Preemption()))
+        log = _Log(run, start)
+        cleanup.callback(log.bar.close)
         for step in range(start + 1, config.steps + 1):
             if run.lock is not None:
                 run.lock.check()
@@ -270,7 +329,8 @@ def _loop(run: _Run) -> dict[str, Any]:
                 log.step(*pending, state.params)
                 pending = None
             if save:
-                saved_step = ckpts.save(state, run.batches.get_state())
+                saved_step = ckpts.save(state, {**run.batches.get_state(),
+                                                FINGERPRINT: run.fingerprint})
             if preempted:
                 ckpts.wait_until_finished()
                 if log.primary:
@@ -279,18 +339,17 @@ def _loop(run: _Run) -> dict[str, Any]:
                 return {"step": step, "preempted": True}
         if pending is not None:
             log.step(*pending, state.params)
-    finally:
-        ckpts.close()  # Waits for a save in flight.
-        log.bar.close()
-        preemption.close()
-        if run.lock is not None:
-            run.lock.release()
-    return _summary(run, int(state.step), saved_step, log)
+        ckpts.wait_until_finished()  # A failed last save stops the run here, before the summary.
+        curve = None
+        if log.primary:
+            with _writing(run.workdir / CURVE_FILE, ckpts):
+                curve = plot_loss_curve(run.workdir)
+    return _summary(run, int(state.step), saved_step, log, curve)
 
 
-def _summary(run: _Run, step: int, saved_step: int | None, log: _Log) -> dict[str, Any]:
+def _summary(run: _Run, step: int, saved_step: int | None, log: _Log,
+             curve: pathlib.Path | None) -> dict[str, Any]:
     primary = log.primary
-    curve = plot_loss_curve(run.workdir) if primary else None
     records = read_metrics(run.workdir) if primary else []
     summary = {"step": step, "first_loss": records[0]["loss"] if records else None,
                "last_loss": records[-1]["loss"] if records else None,
@@ -371,11 +430,11 @@ def main(argv: list[str] | None = None) -> None:
     sharding.maybe_initialize_distributed()
     try:  # The user's input or the workdir's state, not a bug: one line.
         run = prepare(config, workdir, init_from)
-    except (FileNotFoundError, ValueError, WorkdirBusy) as e:
+    except (OSError, ValueError, WorkdirBusy) as e:
         sys.exit(f"error: {e}")
     try:
         _loop(run)
-    except (TrainingDiverged, WorkdirBusy) as e:
+    except (TrainingDiverged, WorkdirBusy, WriteFailed) as e:
         sys.exit(f"error: {e}")
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from backpack_jax import checkpoint
+from backpack_jax import atomic, checkpoint
 from backpack_jax.config import get_config
 from train import data, metrics
 from train.checkpoints import TrainCheckpoints, WriteFailed
@@ -333,7 +333,7 @@ def test_metrics_and_whole_files_stay_whole_when_the_disk_fills(tmp_path, monkey
 
     path = tmp_path / "train_config.json"
     path.write_text("old")
-    with pytest.raises(OSError), metrics.replacing(path) as tmp:
+    with pytest.raises(OSError), atomic.atomic_path(path) as tmp:
         tmp.write_text("par")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     assert path.read_text() == "old" and sorted(os.listdir(tmp_path)) == [

@@ -2,17 +2,17 @@
 
 The FLOP counts per token are `backpack_jax.flops`. A write that fails (a full disk) leaves each
 file as it was: metrics.jsonl loses no earlier line and gains no partial one, and whole-file
-writes go through `replacing`.
+writes go through `backpack_jax.atomic.atomic_path`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pathlib
-from collections.abc import Iterator
 from typing import Any
+
+from backpack_jax.atomic import atomic_path
 
 METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "loss_curve.png"
@@ -45,18 +45,6 @@ def peak_flops_per_device(device_kind: str, override: float | None = None) -> fl
     return None
 
 
-@contextlib.contextmanager
-def replacing(path: pathlib.Path) -> Iterator[pathlib.Path]:
-    """A temporary path for `path`'s new content, renamed over `path` once written: readers see
-    the old file or the new one, never a part; a failed write removes the temporary file."""
-    tmp = path.with_name(f"{path.name}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 class MetricsLog:
     """Appends one JSON object per logged step to WORKDIR/metrics.jsonl (primary process only)."""
 
@@ -70,7 +58,7 @@ class MetricsLog:
             return
         keep = [line for line in self.path.read_text().splitlines()
                 if _parses(line) and json.loads(line)["step"] <= step]
-        with replacing(self.path) as tmp:
+        with atomic_path(self.path) as tmp:
             tmp.write_text("".join(line + "\n" for line in keep))
 
     def write(self, record: dict[str, Any]) -> None:
@@ -124,7 +112,7 @@ def plot_loss_curve(workdir: str | os.PathLike) -> pathlib.Path:
     ax.legend()
     path = pathlib.Path(workdir) / CURVE_FILE
     try:
-        with replacing(path) as tmp:
+        with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     finally:
         plt.close(fig)

@@ -35,6 +35,7 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from backpack_jax import checkpoint, hf
+from backpack_jax.atomic import atomic_path
 from backpack_jax.config import PRESETS, BackpackConfig, get_config, get_model_config
 from backpack_jax.flops import train_flops_per_token
 from train import data, optim, sharding
@@ -48,7 +49,6 @@ from train.metrics import (
     peak_flops_per_device,
     plot_loss_curve,
     read_metrics,
-    replacing,
 )
 from train.step import (
     abstract_state,
@@ -128,7 +128,7 @@ def _check_train_config(workdir: pathlib.Path, config: ml_collections.ConfigDict
             raise ValueError(f"{workdir} holds a run with another config (saved, now): {differ}; "
                              "use a new --workdir")
     elif jax.process_index() == 0:
-        with replacing(path) as tmp:  # Other processes may read it: whole or not at all.
+        with atomic_path(path) as tmp:  # Other processes may read it: whole or not at all.
             tmp.write_text(json.dumps(now, indent=2, sort_keys=True) + "\n")
 
 

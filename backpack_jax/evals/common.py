@@ -4,17 +4,16 @@ as JSON, files written atomically, and the optional `[eval]` extra."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import importlib
 import json
 import math
 import os
-import pathlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from backpack_jax import checkpoint
+from backpack_jax.atomic import atomic_path
 from backpack_jax.config import BackpackConfig, get_model_config
 from backpack_jax.model import Params
 
@@ -35,21 +34,6 @@ def require(module: str, purpose: str) -> Any:
 
 
 # ------------------------------------------------------------------------------- atomic files
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
-    """Yields a temporary path beside `path` (same suffix, so writers pick the same format) and
-    renames it onto `path` only if the block succeeds: a reader never sees half a file."""
-    path = pathlib.Path(path)
-    if path.parent and not path.parent.is_dir():
-        raise FileNotFoundError(f"cannot write {path}: directory {path.parent} does not exist")
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Writes `obj` as indented JSON, atomically; NaN and infinities become null."""

@@ -243,6 +243,17 @@ def test_lock_is_exclusive_refreshed_and_removed(tmp_path, monkeypatch):
     second.release()
 
 
+def test_a_full_disk_at_start_names_the_lock_and_leaves_nothing(tmp_path, monkeypatch):
+    def full(self, *args, **kwargs):
+        self.touch()  # The file was created, then the disk filled up.
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(pathlib.Path, "write_text", full)
+    with pytest.raises(OSError, match=f"cannot write the lock {tmp_path / LOCK_FILE}: No space"):
+        WorkdirLock(tmp_path).acquire()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_stale_locks_are_taken_over_and_the_old_owner_stops(tmp_path, capsys):
     _write_lock(tmp_path, "elsewhere", 1, heartbeat_age_s=20)  # Another host: its heartbeat.
     with pytest.raises(WorkdirBusy, match="in use by another run .host elsewhere, pid 1, since"):

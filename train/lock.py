@@ -149,8 +149,12 @@ class WorkdirLock:
         """Writes our record with a fresh heartbeat, whole: as a new lock (False if one exists)
         or over ours."""
         tmp = self.path.with_name(f"{LOCK_FILE}.{self.owner['host']}.{self.owner['pid']}.tmp")
-        tmp.write_text(json.dumps({**self.owner, "heartbeat": _now("milliseconds")}) + "\n")
         try:
+            try:
+                tmp.write_text(json.dumps({**self.owner, "heartbeat": _now("milliseconds")})
+                               + "\n")
+            except OSError as e:  # A full disk at start: say which file, leave nothing behind.
+                raise OSError(e.errno, f"cannot write the lock {self.path}: {e.strerror}") from e
             if create:
                 os.link(tmp, self.path)
             else:

@@ -17,6 +17,7 @@ import safetensors
 import safetensors.numpy
 import tqdm
 
+from backpack_jax.atomic import atomic_path
 from backpack_jax.config import BackpackConfig
 from backpack_jax.hf.state_dict import ConversionError, from_state_dict, to_state_dict
 from backpack_jax.model import Params
@@ -32,12 +33,11 @@ _PROGRESS_BYTES = 64 << 20
 
 
 def write_config(directory: str | os.PathLike, config: BackpackConfig) -> None:
-    """Writes config.json atomically (write to a temporary name, then rename)."""
+    """Writes config.json atomically (a temporary name, then a rename; nothing left on failure)."""
     path = pathlib.Path(directory) / CONFIG_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(config.to_hf_dict(), indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(config.to_hf_dict(), indent=2, sort_keys=True) + "\n")
 
 
 def read_config(directory: str | os.PathLike) -> BackpackConfig:

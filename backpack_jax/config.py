@@ -25,7 +25,7 @@ _HF_BOOKKEEPING_KEYS = frozenset({
     "output_attentions", "torchscript", "id2label", "label2id", "problem_type",
 })
 # Keys HF configs carry whose value here must be the one given (this implementation has no other).
-_HF_FIXED_KEYS = {"reorder_and_upcast_attn": False}
+_HF_FIXED_KEYS = {"reorder_and_upcast_attn": False, "add_cross_attention": False}
 
 SUPPORTED_ACTIVATIONS = ("gelu_new",)
 

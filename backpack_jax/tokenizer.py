@@ -47,7 +47,7 @@ def _data_file(filename: str) -> Path:
     return Path(spec.submodule_search_locations[0]) / "data" / filename
 
 
-def _read_verified(filename: str) -> bytes:
+def read_bpe_file(filename: str) -> bytes:
     """Reads one of the packaged BPE files, refusing anything but OpenAI's exact bytes."""
     path = _data_file(filename)
     data = path.read_bytes()
@@ -84,12 +84,12 @@ def _mergeable_ranks() -> dict[bytes, int]:
         return bytes(byte_of[s] for s in symbols)
 
     ranks = {bytes([b]): rank for rank, (_, b) in enumerate(single)}
-    merges = _read_verified("vocab.bpe").decode("utf-8").split("\n")[1:]
+    merges = read_bpe_file("vocab.bpe").decode("utf-8").split("\n")[1:]
     for line in filter(None, merges):
         first, second = line.split(" ")
         ranks[to_bytes(first) + to_bytes(second)] = len(ranks)
 
-    encoder = json.loads(_read_verified("encoder.json"))
+    encoder = json.loads(read_bpe_file("encoder.json"))
     expected = {to_bytes(symbols): i for symbols, i in encoder.items() if symbols != EOT_TOKEN}
     if ranks != expected or encoder.get(EOT_TOKEN) != EOT_ID:
         raise RuntimeError("vocab.bpe and encoder.json disagree; the GPT-2 files are inconsistent")

@@ -16,10 +16,10 @@ import torch
 import convert
 from backpack_jax import checkpoint, hf, model
 from backpack_jax.config import get_model_config
-from backpack_jax.hf import ConversionError, from_state_dict, load_hf, save_hf, to_state_dict
+from backpack_jax.hf import ConversionError, from_state_dict, load_hf, to_state_dict, write_hf
 from backpack_jax.hf.files import read_tensors
 from bench.torch_reference import TorchBackpackLM, random_reference
-from convert import flax_to_hf, hf_to_flax
+from convert import export, flax_to_hf, hf_to_flax
 from tests.hf_checkpoints import (
     LAYOUTS,
     TEST_CONFIGS,
@@ -79,8 +79,9 @@ def test_half_precision_files_become_float32(dtype, tensors, tmp_path):
 
 
 def test_convert_reexports_the_conversion_api():
-    for name in convert.__all__:
+    for name in set(convert.__all__) - {"save_hf"}:
         assert getattr(convert, name) is getattr(hf, name), name
+    assert convert.save_hf is export.save_hf  # hf.write_hf plus what transformers needs.
 
 
 def test_checkpoint_load_reads_hf_directories(tensors, tmp_path):
@@ -94,14 +95,14 @@ def test_checkpoint_load_reads_hf_directories(tensors, tmp_path):
 
 def test_flax_hf_flax_round_trip_is_bit_exact(tmp_path):
     params = model.init(CONFIG, jax.random.PRNGKey(0))
-    save_hf(params, CONFIG, tmp_path / "hf")
+    write_hf(params, CONFIG, tmp_path / "hf")
     again, config = load_hf(tmp_path / "hf")
     assert config == CONFIG
     assert_trees_equal(again, params)
 
 
 def test_saved_files_are_in_the_hf_layout(tensors, tmp_path):
-    save_hf(from_state_dict(tensors, CONFIG), CONFIG, tmp_path)
+    write_hf(from_state_dict(tensors, CONFIG), CONFIG, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
     hf_config = json.loads((tmp_path / "config.json").read_text())
     assert "auto_map" not in hf_config
@@ -115,9 +116,9 @@ def test_saved_files_are_in_the_hf_layout(tensors, tmp_path):
 
 
 def test_saved_files_load_into_the_hf_module_tree(tmp_path):
-    """A model shaped like the HF remote code loads what save_hf wrote and agrees with apply."""
+    """A model shaped like the HF remote code loads what write_hf wrote and agrees with apply."""
     params = model.init(CONFIG, jax.random.PRNGKey(1))
-    save_hf(params, CONFIG, tmp_path)
+    write_hf(params, CONFIG, tmp_path)
     ref = TorchBackpackLM(CONFIG).eval()
     ref.load_tensors(safetensors.torch.load_file(str(tmp_path / "model.safetensors")))
     ids = np.random.RandomState(0).randint(0, CONFIG.vocab_size, (2, 6))
@@ -127,11 +128,11 @@ def test_saved_files_load_into_the_hf_module_tree(tmp_path):
     assert np.abs(np.asarray(got) - want.numpy()).max() <= 1e-4 * np.abs(want.numpy()).max()
 
 
-def test_save_hf_refuses_to_overwrite(tmp_path):
+def test_write_hf_refuses_to_overwrite(tmp_path):
     params = model.init(CONFIG, jax.random.PRNGKey(0))
-    save_hf(params, CONFIG, tmp_path)
+    write_hf(params, CONFIG, tmp_path)
     with pytest.raises(FileExistsError, match="model.safetensors already exists"):
-        save_hf(params, CONFIG, tmp_path)
+        write_hf(params, CONFIG, tmp_path)
 
 
 def test_clis_round_trip_bit_exact(tensors, tmp_path, capsys):

@@ -4,8 +4,8 @@
 `files` reads and writes HF directories (config.json and weights).
 """
 
-from backpack_jax.hf.files import CONFIG_FILE, load_hf, read_config, save_hf, write_config
+from backpack_jax.hf.files import CONFIG_FILE, load_hf, read_config, write_config, write_hf
 from backpack_jax.hf.state_dict import ConversionError, from_state_dict, to_state_dict
 
 __all__ = ["CONFIG_FILE", "ConversionError", "from_state_dict", "load_hf", "read_config",
-           "save_hf", "to_state_dict", "write_config"]
+           "to_state_dict", "write_config", "write_hf"]

@@ -150,7 +150,7 @@ def load_hf(path: str | os.PathLike) -> tuple[Params, BackpackConfig]:
     return params, config
 
 
-def save_hf(params: Params, config: BackpackConfig, out_dir: str | os.PathLike) -> pathlib.Path:
+def write_hf(params: Params, config: BackpackConfig, out_dir: str | os.PathLike) -> pathlib.Path:
     """Writes config.json and model.safetensors that the HF remote code loads.
 
     The tied embeddings are stored once, as `backpack.gpt2_model.{wte,wpe}.weight`; the

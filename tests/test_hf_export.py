@@ -1,0 +1,184 @@
+"""Hugging Face exports: transformers loads them as a Backpack (offline, trust_remote_code) and
+they agree with `model.apply` and `generate`, and `load_hf` reads them back bit-exact."""
+
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+from backpack_jax import checkpoint, generate, hf, model
+from backpack_jax.config import get_model_config
+from backpack_jax.hf import from_state_dict, load_hf
+from bench.torch_reference import random_reference
+from convert import export, flax_to_hf, save_hf
+from convert.hf_export.modeling_backpack import BackpackGPT2LMHeadModel
+from tests.hf_checkpoints import write_hf_checkpoint
+
+CONFIG = get_model_config("tiny").replace(n_positions=32)  # GPT-2's vocabulary: has a tokenizer.
+WORKDIR = pathlib.Path(__file__).parent / "fixtures" / "tiny_workdir_caeb19e"
+
+
+@pytest.fixture(scope="module")
+def params():
+    """Random weights with real spread (the reference's), so that errors show in the logits."""
+    return from_state_dict(random_reference(CONFIG, seed=5).canonical_tensors(), CONFIG)
+
+
+@pytest.fixture(scope="module")
+def export_dir(params, tmp_path_factory):
+    return save_hf(params, CONFIG, tmp_path_factory.mktemp("export"))
+
+
+@pytest.fixture(scope="module")
+def hf_model(export_dir):
+    return AutoModelForCausalLM.from_pretrained(export_dir, trust_remote_code=True).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(export_dir):
+    return AutoTokenizer.from_pretrained(export_dir, trust_remote_code=True)
+
+
+def ids(batch, length, seed=0):
+    return np.random.RandomState(seed).randint(0, CONFIG.vocab_size, (batch, length))
+
+
+def test_export_is_self_contained_and_says_backpack(export_dir, params):
+    names = {p.name for p in export_dir.iterdir()}
+    assert names == {"config.json", "model.safetensors", "configuration_backpack.py",
+                     "modeling_backpack.py", "vocab.json", "merges.txt",
+                     "tokenizer_config.json", "README.md"}
+    hf_config = json.loads((export_dir / "config.json").read_text())
+    assert hf_config["model_type"] == "backpack-gpt2"
+    assert hf_config["architectures"] == ["BackpackGPT2LMHeadModel"]
+    assert hf_config["auto_map"] == {
+        "AutoConfig": "configuration_backpack.BackpackGPT2Config",
+        "AutoModelForCausalLM": "modeling_backpack.BackpackGPT2LMHeadModel"}
+    assert "## Training" not in (export_dir / "README.md").read_text()  # Not from a workdir.
+    again, config = load_hf(export_dir)
+    assert config == CONFIG
+    np.testing.assert_equal(jax.tree_util.tree_map(np.asarray, again),
+                            jax.tree_util.tree_map(np.asarray, params))  # bit-exact
+
+
+def test_save_pretrained_output_reads_back_with_load_hf(hf_model, params, tmp_path):
+    """A model fine-tuned in PyTorch comes back to JAX unchanged."""
+    hf_model.save_pretrained(tmp_path)
+    again, config = load_hf(tmp_path)
+    assert config == CONFIG
+    np.testing.assert_equal(jax.tree_util.tree_map(np.asarray, again),
+                            jax.tree_util.tree_map(np.asarray, params))
+
+
+@pytest.mark.parametrize("layout", ["bin_aliases", "safetensors"])
+def test_our_model_loads_checkpoints_in_the_hub_layout(params, layout, tmp_path):
+    """The original's files (model_type gpt2, its auto_map, aliases, mask buffers) load into our
+    class with the same logits."""
+    tensors = {k: np.array(v) for k, v in hf.to_state_dict(params, CONFIG).items()}
+    write_hf_checkpoint(tmp_path, tensors, CONFIG, layout)
+    ours = BackpackGPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    x = ids(1, 7, seed=3)
+    with torch.no_grad():
+        got = ours(torch.as_tensor(x)).logits.numpy()
+    want = np.asarray(model.apply(params, jnp.asarray(x), CONFIG).logits)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_a_plain_load_is_refused_not_silently_wrong(export_dir):
+    with pytest.raises((ValueError, OSError), match="trust_remote_code|custom code"):
+        AutoModelForCausalLM.from_pretrained(export_dir, trust_remote_code=False)
+
+
+def test_logits_contextualization_and_senses_equal_apply(hf_model, params):
+    x = ids(2, 9)
+    want = model.apply(params, jnp.asarray(x), CONFIG, return_contextualization=True)
+    with torch.no_grad():
+        out = hf_model(torch.as_tensor(x), output_contextualization=True, output_senses=True)
+    logits = np.asarray(want.logits)
+    assert np.abs(out.logits.numpy() - logits).max() <= 1e-5 * np.abs(logits).max()
+    np.testing.assert_allclose(out.contextualization.numpy(),
+                               np.asarray(want.contextualization), atol=1e-5)
+    assert out.senses.shape == (2, CONFIG.num_senses, 9, CONFIG.n_embd)
+    with torch.no_grad():
+        custom = hf_model.run_with_custom_contextualization(torch.as_tensor(x),
+                                                            out.contextualization)
+    np.testing.assert_allclose(custom.logits.numpy(), out.logits.numpy(), rtol=0, atol=1e-6)
+
+
+def test_loss_from_labels_is_the_shifted_cross_entropy(hf_model, params):
+    x = ids(2, 9, seed=1)
+    labels = x.copy()
+    labels[0, 3] = -100  # ignored
+    logits = np.asarray(model.apply(params, jnp.asarray(x), CONFIG).logits, np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)
+                           ) - logits.max(-1, keepdims=True)
+    target = labels[:, 1:]
+    keep = target != -100
+    picked = np.take_along_axis(logp[:, :-1], np.where(keep, target, 0)[..., None], -1)[..., 0]
+    want = -picked[keep].mean()
+    with torch.no_grad():
+        loss = hf_model(torch.as_tensor(x), labels=torch.as_tensor(labels)).loss
+    assert abs(loss.item() - want) <= 1e-5 * want
+
+
+def test_cached_steps_equal_the_full_forward(hf_model):
+    x = torch.as_tensor(ids(2, 8, seed=2))
+    with torch.no_grad():
+        full = hf_model(x, use_cache=False).logits
+        first = hf_model(x[:, :5], use_cache=True)
+        cache, steps = first.cache, [first.logits]
+        for i in range(5, 8):
+            step = hf_model(x[:, i:i + 1], past_key_values=cache,  # the older name, too
+                            output_contextualization=True)
+            assert step.contextualization.shape == (2, CONFIG.num_senses, 1, i + 1)
+            cache = step.cache
+            steps.append(step.logits)
+    np.testing.assert_allclose(torch.cat(steps, 1).numpy(), full.numpy(), rtol=0,
+                               atol=1e-5 * full.abs().max().item())
+
+
+@pytest.mark.parametrize("lengths", [(6, 6), (6, 3)], ids=["same_length", "left_padded"])
+def test_greedy_generate_gives_backpack_jax_tokens(hf_model, params, lengths):
+    prompts = [ids(1, n, seed=10 + i)[0].tolist() for i, n in enumerate(lengths)]
+    want = generate.generate(params, CONFIG, prompts, 8, eos_id=CONFIG.eos_token_id)
+    pad = CONFIG.eos_token_id
+    width = max(lengths)
+    padded = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    got = hf_model.generate(padded, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                            pad_token_id=pad)
+    np.testing.assert_array_equal(got[:, width:].numpy(), want.new_tokens)
+
+
+def test_text_generation_pipeline_runs(hf_model, tokenizer):
+    generator = pipeline("text-generation", model=hf_model, tokenizer=tokenizer)
+    out = generator("The meaning of life is", max_new_tokens=5, do_sample=False)
+    assert out[0]["generated_text"].startswith("The meaning of life is")
+    assert tokenizer("Hello world")["input_ids"] == [15496, 995]
+
+
+def test_hub_code_option_points_at_the_authors_code(params, tmp_path):
+    save_hf(params, CONFIG, tmp_path, hub_code=True)
+    hf_config = json.loads((tmp_path / "config.json").read_text())
+    assert all(v.startswith("stanfordnlp/backpack-gpt2--") for v in hf_config["auto_map"].values())
+    assert not list(tmp_path.glob("*.py"))
+
+
+def test_model_card_has_metadata_config_and_training(tmp_path):
+    assert flax_to_hf.main([str(WORKDIR), str(tmp_path / "hf")]) == 0
+    card = (tmp_path / "hf" / "README.md").read_text()
+    front = card.split("---")[1]
+    for line in ("library_name: transformers", "license: apache-2.0",
+                 "pipeline_tag: text-generation", "- backpack"):
+        assert line in front
+    step = int(checkpoint.step_dirs(WORKDIR)[0].name)
+    summary = export.training_summary(WORKDIR)
+    assert summary["step"] == step and summary["tokens"] == step * 2 * 16
+    assert f"for {step:,} steps ({step * 32:,} tokens)" in card
+    assert f"Held-out loss {summary['eval_loss']:.4f}" in card
+    assert "| num_senses |" in card

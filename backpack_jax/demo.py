@@ -1,0 +1,387 @@
+"""A browser demo of a Backpack: read a word's senses, see contextualization and the exact
+attribution of a prediction, and steer generation by editing senses.
+
+    python -m backpack_jax.demo --checkpoint DIR [--port 7860] [--host 127.0.0.1]
+        [--topic_cache PATH.npy]
+
+`Demo` holds the model and does the work with the library functions (it is what the tests
+compare against them); `build_app` is the Gradio layer over it (`pip install
+'backpack-jax[demo]'`). Every text is padded to one of a few fixed lengths, and every control
+runs once at start-up, so a click reuses compiled code instead of waiting for XLA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import signal
+import tempfile
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from backpack_jax import attribution, generate, senses, topic
+from backpack_jax.evals import common
+from backpack_jax.evals.topic import cached_max_logits
+from backpack_jax.tokenizer import get_tokenizer
+
+EXTRA_HINT = "pip install 'backpack-jax[demo]'"
+TOP_WORDS = 8  # words per sense and direction in the sense table
+TOP_TERMS = 10  # attribution terms listed
+MAX_NEW_TOKENS = 48  # every generation runs with this cache length and stops at the asked count
+PLOT_TOKENS = 64  # the longest text the heatmaps and the attribution grid show
+PAPER_SENSE = 10  # the paper's gender debiasing removed sense 10 of a profession word
+INTERVENTIONS = ("scale a sense", "topic", "knowledge edit")
+
+
+def _buckets(limit: int, sizes: Sequence[int]) -> list[int]:
+    """The fixed lengths texts are padded to: those of `sizes` below `limit`, then `limit`."""
+    return [s for s in sizes if s < limit] + [limit]
+
+
+def _default_cache(checkpoint_path: str) -> str:
+    key = hashlib.sha1(os.path.abspath(checkpoint_path).encode()).hexdigest()[:16]
+    return os.path.join(os.path.expanduser("~/.cache/backpack_jax/demo"), key,
+                        "sense_max_logits.npy")
+
+
+class Demo:
+    """The model and what each control computes, as plain data (no Gradio)."""
+
+    def __init__(self, checkpoint_path: str, topic_cache: str | None = None):
+        self.params, self.config = common.load(checkpoint_path)
+        self.tokenizer = get_tokenizer()
+        self.topic_cache = topic_cache or _default_cache(checkpoint_path)
+        self._max_logits_VxK: np.ndarray | None = None
+        self._topic_scores: dict[str, np.ndarray] = {}
+        n = self.config.n_positions
+        self.text_lengths = _buckets(min(n, PLOT_TOKENS), (16,))
+        self.prompt_lengths = _buckets(n - MAX_NEW_TOKENS, (16, 64))
+        self.default_sense = min(PAPER_SENSE, self.config.num_senses - 1)
+        self.plots = tempfile.mkdtemp(prefix="backpack_demo_")
+
+    # ------------------------------------------------------------------------------ inputs
+
+    def _one_token(self, word: str, what: str) -> int:
+        ids = senses.word_token_ids(word, self.tokenizer)
+        if len(ids) != 1:
+            pieces = [self.tokenizer.decode([i]) for i in ids]
+            raise ValueError(f"{what} {word!r} is {len(ids)} tokens {pieces}; it must be one")
+        return ids[0]
+
+    def _text_ids(self, text: str) -> list[int]:
+        ids = self.tokenizer.encode(text)
+        if not ids:
+            raise ValueError("the text is empty")
+        if len(ids) > self.config.n_positions:
+            raise ValueError(f"the text is {len(ids)} tokens; this model reads at most "
+                             f"n_positions={self.config.n_positions}")
+        if len(ids) > PLOT_TOKENS:
+            raise ValueError(f"the text is {len(ids)} tokens; the plots show at most "
+                             f"{PLOT_TOKENS}")
+        return ids
+
+    def _padded(self, ids: list[int]) -> list[int]:
+        """`ids` followed by end-of-text up to the next fixed length: the model is causal, so
+        positions < len(ids) see exactly what they would without the padding."""
+        width = next(b for b in self.text_lengths if b >= len(ids))
+        return ids + [self.tokenizer.eot_id] * (width - len(ids))
+
+    def labels(self, ids: Sequence[int]) -> list[str]:
+        return [self.tokenizer.decode([i]) for i in ids]
+
+    # ------------------------------------------------------------------------------ senses
+
+    def sense_rows(self, word: str, subword: str = "first", top: int = TOP_WORDS
+                   ) -> list[list[str]]:
+        """One row per sense: its index, the words it promotes and those it suppresses."""
+        ws = senses.word_senses(self.params, self.config, word, self.tokenizer, subword=subword)
+        p = senses.project_senses(self.params, ws.senses_KxD, top=top,
+                                  vocab_limit=self.tokenizer.n_vocab)
+        show = senses._show
+        return [[str(k), ", ".join(show(self.tokenizer, t) for t in p.promoted_ids_KxW[k]),
+                 ", ".join(show(self.tokenizer, t) for t in p.suppressed_ids_KxW[k])]
+                for k in range(self.config.num_senses)]
+
+    # ------------------------------------------------------------------- contextualization
+
+    def heatmaps(self, text: str, chosen: Sequence[int]) -> str:
+        """A PNG of alpha for the chosen senses (`senses.plot_contextualization`)."""
+        chosen = [senses.check_sense(self.config, int(k)) for k in chosen]
+        if not chosen:
+            raise ValueError("choose at least one sense")
+        ids = self._text_ids(text)
+        S = len(ids)
+        alpha_KxSxS = senses.contextualization(self.params, self.config, self._padded(ids))[
+            0, :, :S, :S]
+        path = os.path.join(self.plots, "alpha.png")
+        senses.plot_contextualization(alpha_KxSxS, self.labels(ids), chosen, path)
+        return path
+
+    def attribute(self, text: str, position: int, target: str = ""
+                  ) -> attribution.Attribution:
+        """The terms of the logit of `target` (one token; default the model's top token) at
+        `position` (negative counts from the end)."""
+        ids = self._text_ids(text)
+        if not -len(ids) <= position < len(ids):
+            raise ValueError(f"position {position} is outside the text's {len(ids)} tokens "
+                             f"(valid: {-len(ids)}..{len(ids) - 1})")
+        target_id = self._one_token(target, "the target") if target.strip() else None
+        return attribution.attribute(self.params, self.config, self._padded(ids),
+                                     position % len(ids), target_id)
+
+    def attribution_plot(self, a: attribution.Attribution) -> str:
+        path = os.path.join(self.plots, "attribution.png")
+        attribution.plot_attribution(a, self.labels(a.token_ids), path)
+        return path
+
+    def term_rows(self, a: attribution.Attribution) -> list[list[Any]]:
+        """`attribution.top_terms` with the words: [word, position, sense, contribution]."""
+        return [[self.tokenizer.decode([a.token_ids[j]]), j, k, v]
+                for j, k, v in attribution.top_terms(a, TOP_TERMS)]
+
+    # ------------------------------------------------------------------------------- steer
+
+    def scale_edit(self, word: str, sense: int, factor: float) -> senses.SenseIntervention:
+        """Sense `sense` of every token of `word` multiplied by `factor`."""
+        ids = senses.word_token_ids(word, self.tokenizer)
+        return senses.scale_senses(self.config, {t: {int(sense): float(factor)} for t in ids})
+
+    def topic_edit(self, name: str, strength: int, progress: bool = True) -> topic.TopicControl:
+        """The paper's topic control. The topic-independent part (`topic.sense_max_logits`, the
+        slow one) is read from or written to `topic_cache`; each topic's scores stay in memory.
+        Like the authors' code, <|endoftext|> and the padding rows score 0."""
+        if name not in topic.TOPICS:
+            raise ValueError(f"unknown topic {name!r}; choose one of {sorted(topic.TOPICS)}")
+        if name not in self._topic_scores:
+            if self._max_logits_VxK is None:
+                os.makedirs(os.path.dirname(os.path.abspath(self.topic_cache)), exist_ok=True)
+                self._max_logits_VxK = cached_max_logits(self.params, self.config,
+                                                         self.topic_cache, progress=progress)
+            bag, _ = topic.bag_token_ids(topic.TOPICS[name], self.tokenizer)
+            self._topic_scores[name] = topic.topic_scores(
+                self.params, self.config, [bag], max_logits_VxK=self._max_logits_VxK,
+                zero_from=self.tokenizer.eot_id, progress=progress)[0]
+        return topic.TopicControl.from_weights(
+            topic.sense_weights(self._topic_scores[name], int(strength)))
+
+    def knowledge(self, word: str, remove: str, add: str) -> senses.SenseIntervention:
+        return senses.knowledge_edit(self.params, self.config,
+                                     senses.word_token_ids(word, self.tokenizer),
+                                     self._one_token(remove, "the word to remove"),
+                                     self._one_token(add, "the word to add"))
+
+    def prompt_ids(self, prompt: str, max_new_tokens: int) -> list[int]:
+        if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+            raise ValueError(f"new tokens must be in 1..{MAX_NEW_TOKENS}, got {max_new_tokens}")
+        ids = self.tokenizer.encode(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) > self.prompt_lengths[-1]:
+            raise ValueError(f"the prompt is {len(ids)} tokens; with {MAX_NEW_TOKENS} new "
+                             f"tokens this model takes at most {self.prompt_lengths[-1]}")
+        return ids
+
+    def stream(self, ids: list[int], max_new_tokens: int, sense_edit: Any = None
+               ) -> Iterator[int]:
+        """Greedy tokens of `generate.stream`'s loop, stopping at end-of-text. The prompt is
+        left-padded to a fixed width and masked there, as in a batch of prompts of other
+        lengths, so its shapes were compiled at start-up."""
+        eot = self.tokenizer.eot_id
+        sampling, _, _, lengths_B = generate._prepare(self.config, [ids], MAX_NEW_TOKENS, 0.0,
+                                                      None, None, None, eot)
+        width = next(b for b in self.prompt_lengths if b >= len(ids))
+        ids_1xW = np.full((1, width), eot, np.int32)
+        ids_1xW[0, width - len(ids):] = ids
+        steps = generate._steps(self.params, self.config, ids_1xW, lengths_B, MAX_NEW_TOKENS,
+                                sampling, False, sense_edit, jnp.float32)
+        for _, step in zip(range(max_new_tokens), steps, strict=False):
+            token = int(step.tokens[0])
+            if token == eot:
+                return
+            yield token
+
+    def side_by_side(self, prompt: str, max_new_tokens: int, sense_edit: Any
+                     ) -> Iterator[tuple[str, str]]:
+        """The texts so far of the unmodified and the edited model, after every token."""
+        ids = self.prompt_ids(prompt, max_new_tokens)
+        panes = [self.stream(ids, max_new_tokens), self.stream(ids, max_new_tokens, sense_edit)]
+        texts = [generate._TextStream(self.tokenizer) for _ in panes]
+        shown, live = [prompt, prompt], [True, True]
+        while any(live):
+            for p, pane in enumerate(panes):
+                token = next(pane, None) if live[p] else None
+                if token is not None:
+                    shown[p] += texts[p].push(token)
+                elif live[p]:
+                    shown[p] += texts[p].flush()
+                    live[p] = False
+            yield shown[0], shown[1]
+
+    def warm_up(self) -> None:
+        """Compiles every shape a control produces: a one-token word's sense table (a word of
+        U tokens compiles once per U), each padded text length for the heatmaps and
+        attribution, and each prompt width for the three kinds of generation."""
+        self.sense_rows("a")
+        a = self.tokenizer.encode(" a")[0]
+        for width in self.text_lengths:
+            senses.contextualization(self.params, self.config, [a] * width)
+            self.attribute(" a" * width, -1)
+        edits = [None, self.scale_edit("a", 0, 1.0), self.knowledge("a", "b", "c"),
+                 topic.TopicControl.from_weights(
+                     np.ones((self.config.vocab_size, self.config.num_senses), np.float32))]
+        for width in self.prompt_lengths:
+            for edit in edits:
+                list(self.stream([a] * width, 2, edit))
+
+
+# -------------------------------------------------------------------------------- the app
+
+def _import_gradio() -> Any:
+    try:
+        import gradio
+    except ImportError:
+        raise SystemExit(f"the demo needs Gradio, which is not installed: {EXTRA_HINT}") from None
+    return gradio
+
+
+def build_app(demo: Demo) -> Any:
+    """The Gradio page: three tabs over `demo`. A ValueError from the library (bad input) is
+    shown as a one-line message and the server keeps serving."""
+    gr = _import_gradio()
+    K = demo.config.num_senses
+
+    def shown(fn):
+        def wrapped(*args):
+            try:
+                return fn(*args)
+            except ValueError as e:
+                raise gr.Error(str(e)) from None
+        wrapped.__name__ = fn.__name__
+        return wrapped
+
+    @shown
+    def sense_table(word, subword):
+        return demo.sense_rows(word, subword)
+
+    @shown
+    def heatmaps(text, chosen):
+        return demo.heatmaps(text, [int(k) for k in chosen])
+
+    @shown
+    def attribute(text, position, target):
+        a = demo.attribute(text, int(position), target)
+        title = (f"logit of {demo.tokenizer.decode([a.target])!r} after position {a.position} "
+                 f"= {a.logit:.4f}, the sum of {a.contributions_SxK.size} terms")
+        return title, demo.attribution_plot(a), demo.term_rows(a)
+
+    def steer(prompt, max_new_tokens, kind, word, sense, factor, topic_name, strength, edit_word,
+              remove, add, progress=gr.Progress(track_tqdm=True)):  # noqa: B008 (Gradio's API)
+        try:
+            if kind == "scale a sense":
+                edit = demo.scale_edit(word, int(sense), float(factor))
+            elif kind == "topic":
+                edit = demo.topic_edit(topic_name, int(strength))
+            elif kind == "knowledge edit":
+                edit = demo.knowledge(edit_word, remove, add)
+            else:
+                raise ValueError(f"unknown intervention {kind!r}")
+            yield from demo.side_by_side(prompt, int(max_new_tokens), edit)
+        except ValueError as e:
+            raise gr.Error(str(e)) from None
+
+    with gr.Blocks(title="Backpack demo") as app:
+        gr.Markdown(f"# Backpack language model\n{K} senses per word, "
+                    f"{demo.config.n_positions} positions.")
+        with gr.Tab("Senses of a word"):
+            with gr.Row():
+                word = gr.Textbox(label="word", value="nurse", elem_id="word")
+                subword = gr.Radio(list(senses.SUBWORD_CHOICES), value="first",
+                                   label="a word of several tokens: its first token or the mean")
+            table = gr.Dataframe(headers=["sense", "promotes", "suppresses"], elem_id="senses",
+                                 label="what each sense promotes and suppresses (E @ sense)")
+            gr.Button("Look up", elem_id="lookup").click(sense_table, [word, subword], table,
+                                                        api_name="senses")
+            word.submit(sense_table, [word, subword], table)
+        with gr.Tab("Contextualization"):
+            text = gr.Textbox(label="text", value="The nurse said that", elem_id="text")
+            chosen = gr.CheckboxGroup(list(range(K)), value=list(range(min(K, 4))),
+                                      label="senses", type="value")
+            alpha = gr.Image(label="alpha: rows predict, columns are the weighted words",
+                             type="filepath", elem_id="alpha")
+            gr.Button("Show weights", elem_id="show_alpha").click(
+                heatmaps, [text, chosen], alpha, api_name="heatmaps")
+            with gr.Row():
+                position = gr.Number(value=-1, precision=0,
+                                     label="predicting position (negative: from the end)")
+                target = gr.Textbox(label="next word (default: the model's top token)")
+            headline = gr.Markdown()
+            grid = gr.Image(label="word x sense terms of that logit", type="filepath")
+            terms = gr.Dataframe(headers=["word", "position", "sense", "contribution"],
+                                 label=f"the {TOP_TERMS} largest terms")
+            gr.Button("Attribute", elem_id="attribute").click(
+                attribute, [text, position, target], [headline, grid, terms],
+                api_name="attribute")
+        with gr.Tab("Steer"):
+            with gr.Row():
+                prompt = gr.Textbox(label="prompt", value="The nurse said that", elem_id="prompt")
+                max_new = gr.Slider(1, MAX_NEW_TOKENS, value=20, step=1, label="new tokens")
+            kind = gr.Radio(list(INTERVENTIONS), value=INTERVENTIONS[0], label="intervention")
+            with gr.Row():
+                s_word = gr.Textbox(value="nurse", label="scale: word")
+                s_sense = gr.Number(value=demo.default_sense, precision=0, label="sense")
+                s_factor = gr.Number(value=0.0, label="factor (0 removes the sense)")
+            with gr.Row():
+                t_name = gr.Dropdown(sorted(topic.TOPICS), value="sports", label="topic")
+                t_strength = gr.Slider(1, 3, value=2, step=1, label="strength")
+            with gr.Row():
+                k_word = gr.Textbox(value="MacBook", label="knowledge edit: word")
+                k_remove = gr.Textbox(value="Apple", label="from")
+                k_add = gr.Textbox(value="HP", label="to")
+            go = gr.Button("Generate (greedy)", elem_id="generate")
+            with gr.Row():
+                plain = gr.Textbox(label="unmodified", lines=6, elem_id="plain")
+                edited = gr.Textbox(label="with the intervention", lines=6, elem_id="edited")
+            go.click(steer, [prompt, max_new, kind, s_word, s_sense, s_factor, t_name,
+                             t_strength, k_word, k_remove, k_add], [plain, edited],
+                     api_name="steer")
+    return app
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m backpack_jax.demo",
+                                description="See and steer a Backpack in the browser.")
+    p.add_argument("--checkpoint", required=True,
+                   help="converted model dir, training workdir or step, or Hugging Face dir")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--topic_cache", metavar="PATH.npy",
+                   help="where the topic control's sense max logits are kept (default: "
+                        "~/.cache/backpack_jax/demo/<hash of the checkpoint path>/)")
+    args = p.parse_args(argv)
+    _import_gradio()
+    try:
+        demo = Demo(args.checkpoint, args.topic_cache)
+    except (FileNotFoundError, ValueError) as e:
+        p.error(str(e))
+    print("compiling every control's shapes ...", flush=True)
+    demo.warm_up()
+    app = build_app(demo).queue()
+    app.launch(server_name=args.host, server_port=args.port, quiet=True,
+               prevent_thread_lock=True)
+    print(f"serving on http://{args.host}:{args.port}/ (Ctrl-C or SIGTERM stops)", flush=True)
+    # Both signals close the server the same way, even where the shell ignores SIGINT.
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    stop.wait()
+    app.close()
+    print("stopped", flush=True)
+
+
+if __name__ == "__main__":
+    main()

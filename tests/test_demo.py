@@ -1,0 +1,238 @@
+"""The demo app (`python -m backpack_jax.demo`), run as a server on the tiny preset: over HTTP
+with gradio_client every control must give what the library functions give, bad input a
+readable message; then in headless Chromium a user sees sense rows, a heatmap and tokens."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import jax
+import numpy as np
+import pytest
+
+from backpack_jax import attribution, checkpoint, demo, generate, model, senses, topic
+from backpack_jax.config import get_model_config
+from backpack_jax.tokenizer import get_tokenizer
+
+gradio_client = pytest.importorskip("gradio_client", reason=demo.EXTRA_HINT)
+AppError = gradio_client.exceptions.AppError
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+PROMPT = "The nurse said that"
+SCREENSHOTS = os.environ.get("BACKPACK_DEMO_SCREENSHOTS")  # keep the browser's screenshots here
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random checkpoint."""
+    root = tmp_path_factory.mktemp("demo")
+    config = get_model_config("tiny")
+    params = model.init(config, jax.random.PRNGKey(0))
+    checkpoint.save(root / "ckpt", params, config)
+    return root, params, config
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    """The app in a subprocess on a free port, and the topic cache it reads (written here while
+    it compiles); SIGTERM must stop it cleanly."""
+    root, params, config = tiny
+    port = _free_port()
+    log = open(root / "server.log", "w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "backpack_jax.demo", "--checkpoint", str(root / "ckpt"),
+         "--port", str(port), "--topic_cache", str(root / "max_logits.npy")],
+        stdout=log, stderr=subprocess.STDOUT)
+    max_VxK = topic.sense_max_logits(params, config, progress=False)
+    np.save(root / "partial.npy", max_VxK)
+    os.replace(root / "partial.npy", root / "max_logits.npy")
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            log.seek(0)
+            assert proc.poll() is None, f"the demo exited:\n{log.read()}"
+            assert time.monotonic() < deadline, f"the demo did not start:\n{log.read()}"
+            time.sleep(0.5)
+    yield url, max_VxK
+    proc.send_signal(signal.SIGTERM)
+    try:
+        rc = proc.wait(timeout=30)
+    finally:
+        proc.kill()
+        log.seek(0)
+        output = log.read()
+        log.close()
+    assert rc == 0, f"the demo did not shut down cleanly (rc {rc}):\n{output}"
+    # Gradio logs the messages raised from a streaming handler with their traceback; the page
+    # shows the message only. Any other traceback is a bug.
+    assert output.count("Traceback") == output.count("gradio.exceptions.Error: "), output
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return gradio_client.Client(server[0], verbose=False)
+
+
+def _table(value) -> list[list]:
+    return value["data"] if isinstance(value, dict) else value
+
+
+def _generated(params, config, prompt_ids, n, edit) -> str:
+    """The library's greedy continuation, as the demo shows it."""
+    tokenizer = get_tokenizer()
+    eot = tokenizer.eot_id
+    out = generate.generate(params, config, [prompt_ids], n, eos_id=eot, sense_edit=edit)
+    new = [int(t) for t in out.tokens[0, len(prompt_ids):]]
+    new = new[:new.index(eot)] if eot in new else new
+    text = generate._TextStream(tokenizer)
+    return PROMPT + "".join(text.push(t) for t in new) + text.flush()
+
+
+def test_padding_keeps_the_real_positions(tiny):
+    """The demo pads texts to fixed lengths; the model is causal, so alpha is unchanged."""
+    root, params, config = tiny
+    d = demo.Demo(str(root / "ckpt"))
+    ids = d.tokenizer.encode(PROMPT)
+    S = len(ids)
+    padded = senses.contextualization(params, config, d._padded(ids))[0, :, :S, :S]
+    np.testing.assert_allclose(padded, senses.contextualization(params, config, ids)[0],
+                               atol=1e-6)
+
+
+def test_controls_match_the_library(tiny, server, client):
+    _, params, config = tiny
+    max_VxK = server[1]
+    tokenizer = get_tokenizer()
+
+    rows = _table(client.predict("nurse", "first", api_name="/senses"))
+    ws = senses.word_senses(params, config, "nurse", tokenizer)
+    table = senses.format_sense_table(
+        senses.project_senses(params, ws.senses_KxD, top=demo.TOP_WORDS,
+                              vocab_limit=tokenizer.n_vocab), tokenizer)
+    expected = [[cell.strip() for cell in line.split(" | ")] for line in table.splitlines()[2:]]
+    assert [[str(c).strip() for c in row] for row in rows] == expected
+    assert len(rows) == config.num_senses
+
+    image = client.predict(PROMPT, [0, 1], api_name="/heatmaps")
+    with open(image, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+    headline, grid, terms = client.predict(PROMPT, -1, "", api_name="/attribute")
+    a = attribution.attribute(params, config, tokenizer.encode(PROMPT), -1)
+    assert f"= {a.logit:.4f}" in headline and os.path.exists(grid)
+    got = _table(terms)
+    want = attribution.top_terms(a, demo.TOP_TERMS)
+    assert [(int(r[1]), int(r[2])) for r in got] == [(j, k) for j, k, _ in want]
+    np.testing.assert_allclose([float(r[3]) for r in got], [v for *_, v in want], rtol=1e-4,
+                               atol=1e-8)
+
+    ids = tokenizer.encode(PROMPT)
+    sense = min(demo.PAPER_SENSE, config.num_senses - 1)
+    nurse = senses.word_token_ids("nurse", tokenizer)
+    bag, _ = topic.bag_token_ids(topic.TOPICS["sports"], tokenizer)
+    edits = {
+        "scale a sense": senses.scale_senses(config, {t: {sense: 0.0} for t in nurse}),
+        "topic": topic.topic_control(params, config, bag, 3, max_logits_VxK=max_VxK,
+                                     zero_from=tokenizer.eot_id, progress=False),
+        "knowledge edit": senses.knowledge_edit(
+            params, config, senses.word_token_ids("nurse", tokenizer),
+            *(senses.word_token_ids(w, tokenizer)[0] for w in ("said", "cat"))),
+    }
+    plain = _generated(params, config, ids, 12, None)
+    for kind, edit in edits.items():
+        job = client.submit(PROMPT, 12, kind, "nurse", sense, 0.0, "sports", 3, "nurse", "said",
+                            "cat", api_name="/steer")
+        assert tuple(job.result()) == (plain, _generated(params, config, ids, 12, edit)), kind
+        assert len(job.outputs()) > 1, "the panes should stream"
+
+
+@pytest.mark.parametrize("endpoint, args, message", [
+    ("/senses", ("  ", "first"), "the word is empty"),
+    ("/steer", (PROMPT, 5, "scale a sense", "nurse", 99, 0.0, "sports", 1, "a", "b", "c"),
+     "sense index 99 is out of range"),
+    ("/attribute", (" a" * 200, -1, ""), "n_positions=128"),
+    ("/attribute", (PROMPT, 7, ""), "position 7 is outside"),
+    ("/steer", (PROMPT, 5, "knowledge edit", "nurse", 0, 0.0, "sports", 1, "nurse",
+                "xyzzyplugh", "cat"), "it must be one"),
+])
+def test_bad_input_is_a_message_and_the_server_keeps_serving(client, endpoint, args, message):
+    with pytest.raises(AppError, match=message):
+        if endpoint == "/steer":
+            client.submit(*args, api_name=endpoint).result()
+        else:
+            client.predict(*args, api_name=endpoint)
+    assert _table(client.predict("nurse", "first", api_name="/senses"))
+
+
+def test_in_a_browser(server, tiny, tmp_path):
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        pytest.fail(f"this test needs headless Chromium at {CHROMIUM} and {CHROMEDRIVER}: "
+                    "apt-get install -y chromium chromium-driver (.ci/run does)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason=demo.EXTRA_HINT)
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    _, _, config = tiny
+    shots = SCREENSHOTS or str(tmp_path)
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                 "--window-size=1400,1100"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(CHROMEDRIVER), options=options)
+    wait = WebDriverWait(driver, 60)
+
+    def type_into(elem_id, text):
+        box = wait.until(lambda d: d.find_elements(
+            By.CSS_SELECTOR, f"#{elem_id} textarea, #{elem_id} input"))[0]
+        box.clear()
+        box.send_keys(text)
+
+    def tab(name):
+        driver.find_element(By.XPATH, f"//button[@role='tab'][contains(., '{name}')]").click()
+
+    try:
+        driver.get(server[0])
+        type_into("word", "nurse")
+        driver.find_element(By.ID, "lookup").click()
+        first_cells = "#senses [role=gridcell][data-col='0']"
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, first_cells))
+                   == config.num_senses)
+        driver.save_screenshot(os.path.join(shots, "senses.png"))
+
+        tab("Contextualization")
+        type_into("text", PROMPT)
+        driver.find_element(By.ID, "show_alpha").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#alpha img"))
+        driver.save_screenshot(os.path.join(shots, "contextualization.png"))
+
+        tab("Steer")
+        type_into("prompt", PROMPT)
+        driver.find_element(By.ID, "generate").click()
+
+        def pane(elem_id):
+            return driver.find_element(By.CSS_SELECTOR, f"#{elem_id} textarea").get_attribute(
+                "value")
+
+        wait.until(lambda d: len(pane("plain")) > len(PROMPT) and len(pane("edited")) > len(
+            PROMPT))
+        assert pane("plain").startswith(PROMPT) and pane("edited").startswith(PROMPT)
+        driver.save_screenshot(os.path.join(shots, "steer.png"))
+    finally:
+        driver.quit()

@@ -21,7 +21,6 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 
 from backpack_jax import attribution, generate, senses, topic
@@ -192,13 +191,9 @@ class Demo:
         left-padded to a fixed width and masked there, as in a batch of prompts of other
         lengths, so its shapes were compiled at start-up."""
         eot = self.tokenizer.eot_id
-        sampling, _, _, lengths_B = generate._prepare(self.config, [ids], MAX_NEW_TOKENS, 0.0,
-                                                      None, None, None, eot)
         width = next(b for b in self.prompt_lengths if b >= len(ids))
-        ids_1xW = np.full((1, width), eot, np.int32)
-        ids_1xW[0, width - len(ids):] = ids
-        steps = generate._steps(self.params, self.config, ids_1xW, lengths_B, MAX_NEW_TOKENS,
-                                sampling, False, sense_edit, jnp.float32)
+        steps = generate.stream(self.params, self.config, [ids], MAX_NEW_TOKENS, eos_id=eot,
+                                sense_edit=sense_edit, pad_to=width)
         for _, step in zip(range(max_new_tokens), steps, strict=False):
             token = int(step.tokens[0])
             if token == eot:

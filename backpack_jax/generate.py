@@ -89,9 +89,10 @@ class _Sampling:
     greedy: bool = flax.struct.field(pytree_node=False)
 
 
-def _left_pad(prompt_ids: Any, config: BackpackConfig, max_new_tokens: int, pad_id: int
-              ) -> tuple[np.ndarray, np.ndarray]:
-    """Validates prompts and left-pads them: returns ids [B, P] and real lengths [B]."""
+def _left_pad(prompt_ids: Any, config: BackpackConfig, max_new_tokens: int, pad_id: int,
+              pad_to: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Validates prompts and left-pads them (to at least `pad_to`): returns ids [B, P] and real
+    lengths [B]."""
     if hasattr(prompt_ids, "ndim"):
         if prompt_ids.ndim != 2:
             raise ValueError(f"prompt_ids must be a [batch, seq] array or a list of token-id "
@@ -115,6 +116,12 @@ def _left_pad(prompt_ids: Any, config: BackpackConfig, max_new_tokens: int, pad_
                 f"{config.n_positions - len(row)} new tokens fit)")
         model.validate_token_ids(row.reshape(1, -1), config, what=f"prompt {b}")
     width = int(lengths.max())
+    if pad_to is not None:
+        if not width <= pad_to <= config.n_positions - max_new_tokens:
+            raise ValueError(f"pad_to={pad_to} must be at least the longest prompt ({width}) and "
+                             f"leave room for {max_new_tokens} new tokens in "
+                             f"n_positions={config.n_positions}")
+        width = pad_to
     ids_BxP = np.full((len(rows), width), pad_id, dtype=np.int32)
     for b, row in enumerate(rows):
         ids_BxP[b, width - len(row):] = row
@@ -233,10 +240,11 @@ def _generate_loop(params, ids_BxP, start_B, sense_edit, sampling, *, config, dt
     return tokens_BxN, step, logits_BxNxV
 
 
-def _prepare(config, prompt_ids, max_new_tokens, temperature, top_k, top_p, rng, eos_id):
+def _prepare(config, prompt_ids, max_new_tokens, temperature, top_k, top_p, rng, eos_id,
+             pad_to):
     sampling = _check_sampling(config, max_new_tokens, temperature, top_k, top_p, rng, eos_id)
     pad_id = config.eos_token_id if eos_id is None else eos_id
-    ids_BxP, lengths_B = _left_pad(prompt_ids, config, max_new_tokens, pad_id)
+    ids_BxP, lengths_B = _left_pad(prompt_ids, config, max_new_tokens, pad_id, pad_to)
     return sampling, pad_id, ids_BxP, lengths_B
 
 
@@ -262,14 +270,14 @@ def _steps(params, config, ids_BxP, lengths_B, max_new_tokens, sampling, return_
 def stream(params: Params, config: BackpackConfig, prompt_ids: Any, max_new_tokens: int, *,
            temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
            rng: jax.Array | None = None, eos_id: int | None = None, return_logits: bool = False,
-           sense_edit: SenseEdit | None = None, dtype: Any = jnp.float32
-           ) -> Iterator[StepOutput]:
+           sense_edit: SenseEdit | None = None, dtype: Any = jnp.float32,
+           pad_to: int | None = None) -> Iterator[StepOutput]:
     """Yields one `StepOutput` per new token as soon as it is chosen (see `generate`).
 
     Arguments are validated when this is called, not when iteration starts.
     """
     sampling, _, ids_BxP, lengths_B = _prepare(config, prompt_ids, max_new_tokens, temperature,
-                                               top_k, top_p, rng, eos_id)
+                                               top_k, top_p, rng, eos_id, pad_to)
     return _steps(params, config, ids_BxP, lengths_B, max_new_tokens, sampling, return_logits,
                   sense_edit, dtype)
 
@@ -278,7 +286,7 @@ def generate(params: Params, config: BackpackConfig, prompt_ids: Any, max_new_to
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              rng: jax.Array | None = None, eos_id: int | None = None,
              return_logits: bool = False, sense_edit: SenseEdit | None = None,
-             dtype: Any = jnp.float32) -> Generation:
+             dtype: Any = jnp.float32, pad_to: int | None = None) -> Generation:
     """Continues each prompt by up to `max_new_tokens` tokens with a KV/sense cache.
 
     Args:
@@ -292,9 +300,13 @@ def generate(params: Params, config: BackpackConfig, prompt_ids: Any, max_new_to
       sense_edit: an intervention on sense vectors (see `backpack_jax.senses`); the edited
         senses are also the ones cached for the prefix.
       dtype: compute dtype (LayerNorm, softmax and logits stay float32).
+      pad_to: left-pad the prompts to this width (>= the longest): a caller with prompts of
+        many lengths compiles once per width it picks instead of once per length. The padding
+        is masked, so the tokens are the same.
     """
     sampling, pad_id, ids_BxP, lengths_B = _prepare(config, prompt_ids, max_new_tokens,
-                                                    temperature, top_k, top_p, rng, eos_id)
+                                                    temperature, top_k, top_p, rng, eos_id,
+                                                    pad_to)
     P = ids_BxP.shape[1]
     tokens_BxN, produced, logits_BxNxV = _generate_loop(
         params, jnp.asarray(ids_BxP), jnp.asarray(P - lengths_B, jnp.int32), sense_edit,

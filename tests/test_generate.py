@@ -204,3 +204,19 @@ def test_cli_validates_sampling_flags_like_the_api(tiny_checkpoint, capsys, flag
     assert exit_info.value.code == 2
     captured = capsys.readouterr()
     assert message in captured.err and captured.out == ""
+
+
+def test_pad_to_changes_only_the_width(params):
+    """Extra left padding is masked: the same tokens and logits, for a batch and a stream."""
+    prompts = [[5, 9, 11], [7, 3, 2, 8, 1]]
+    plain = generate.generate(params, CONFIG, prompts, 4, return_logits=True)
+    padded = generate.generate(params, CONFIG, prompts, 4, return_logits=True, pad_to=12)
+    np.testing.assert_array_equal(padded.tokens[:, -4:], plain.tokens[:, -4:])
+    assert padded.tokens.shape[1] == 12 + 4
+    np.testing.assert_allclose(padded.logits, plain.logits, rtol=1e-5, atol=1e-5)
+    streamed = [s.tokens for s in generate.stream(params, CONFIG, prompts, 4, pad_to=12)]
+    np.testing.assert_array_equal(np.stack(streamed, 1), plain.new_tokens)
+    with pytest.raises(ValueError, match="pad_to=4 must be at least the longest prompt"):
+        generate.generate(params, CONFIG, prompts, 4, pad_to=4)
+    with pytest.raises(ValueError, match="leave room for 4 new tokens"):
+        generate.generate(params, CONFIG, prompts, 4, pad_to=CONFIG.n_positions - 3)

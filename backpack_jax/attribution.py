@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from backpack_jax import model
+from backpack_jax import model, senses
 from backpack_jax.config import BackpackConfig
 from backpack_jax.evals import common
 from backpack_jax.model import Params
@@ -63,7 +63,7 @@ def attribute(params: Params, config: BackpackConfig, token_ids: Sequence[int], 
     target = int(np.argmax(logits_V)) if target is None else int(target)
     if not 0 <= target < config.vocab_size:
         raise ValueError(f"target {target} is outside the vocabulary [0, {config.vocab_size})")
-    e_D = np.asarray(params["backpack"]["gpt2_model"]["wte"]["embedding"][target], np.float64)
+    e_D = np.asarray(senses.embedding_VxD(params)[target], np.float64)
     alpha_KxS = np.asarray(out.contextualization[0, :, i, :i + 1], np.float64)
     senses_KxSxD = np.asarray(out.senses[0, :, :i + 1], np.float64)
     contributions_SxK = (alpha_KxS * (senses_KxSxD @ e_D)).T

@@ -101,7 +101,7 @@ class Demo:
         ws = senses.word_senses(self.params, self.config, word, self.tokenizer, subword=subword)
         p = senses.project_senses(self.params, ws.senses_KxD, top=top,
                                   vocab_limit=self.tokenizer.n_vocab)
-        show = senses._show
+        show = senses.show_token
         return [[str(k), ", ".join(show(self.tokenizer, t) for t in p.promoted_ids_KxW[k]),
                  ", ".join(show(self.tokenizer, t) for t in p.suppressed_ids_KxW[k])]
                 for k in range(self.config.num_senses)]

@@ -37,7 +37,7 @@ from backpack_jax.tokenizer import get_tokenizer
 SUBWORD_CHOICES = ("first", "mean")
 
 
-def _embedding_VxD(params: Params) -> jax.Array:
+def embedding_VxD(params: Params) -> jax.Array:
     return params["backpack"]["gpt2_model"]["wte"]["embedding"]
 
 
@@ -50,7 +50,7 @@ def check_sense(config: BackpackConfig, sense: Any) -> int:
     return int(sense)
 
 
-def _check_token(config: BackpackConfig, token: Any) -> int:
+def check_token(config: BackpackConfig, token: Any) -> int:
     if isinstance(token, bool) or not isinstance(token, (int, np.integer)) or not (
             0 <= token < config.vocab_size):
         raise ValueError(f"token id {token!r} is outside [0, vocab_size={config.vocab_size})")
@@ -60,7 +60,7 @@ def _check_token(config: BackpackConfig, token: Any) -> int:
 # ----------------------------------------------------------------------------- reading senses
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def _senses_BxSxKxD(params: Params, ids_BxS: jax.Array, *, config: BackpackConfig) -> jax.Array:
+def senses_BxSxKxD(params: Params, ids_BxS: jax.Array, *, config: BackpackConfig) -> jax.Array:
     return BackpackLM(config).apply({"params": params}, ids_BxS, method="senses")
 
 
@@ -69,7 +69,7 @@ def sense_vectors(params: Params, config: BackpackConfig, token_ids: Sequence[in
     """Sense vectors [C, K, D] of C tokens (they depend on the token alone, not its context)."""
     ids_Cx1 = np.asarray(token_ids, dtype=np.int32).reshape(-1, 1)  # no n_positions limit
     model.validate_token_ids(ids_Cx1, config, what="token_ids")
-    return _senses_BxSxKxD(params, jnp.asarray(ids_Cx1), config=config)[:, 0]
+    return senses_BxSxKxD(params, jnp.asarray(ids_Cx1), config=config)[:, 0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,17 +132,17 @@ def project_senses(params: Params, senses_KxD: jax.Array, *, top: int = 10,
                    vocab_limit: int | None = None) -> SenseProjection:
     """Ranks the vocabulary (ids below `vocab_limit`, e.g. the tokenizer's size, so that the
     model's never-trained padding rows are left out) by E @ sense for each sense."""
-    vocab = _embedding_VxD(params).shape[0]
+    vocab = embedding_VxD(params).shape[0]
     vocab_limit = vocab if vocab_limit is None else min(vocab_limit, vocab)
     if not 1 <= top <= vocab_limit:
         raise ValueError(f"top must be in [1, {vocab_limit}], got {top}")
-    (hi, hi_ids), (lo, lo_ids) = _project(_embedding_VxD(params), jnp.asarray(senses_KxD),
+    (hi, hi_ids), (lo, lo_ids) = _project(embedding_VxD(params), jnp.asarray(senses_KxD),
                                           top=top, vocab_limit=vocab_limit)
     return SenseProjection(np.asarray(hi_ids), np.asarray(hi), np.asarray(lo_ids),
                            -np.asarray(lo))
 
 
-def _show(tokenizer: Any, token: int) -> str:
+def show_token(tokenizer: Any, token: int) -> str:
     text = tokenizer.decode([int(token)]) if token < tokenizer.n_vocab else f"<|{token}|>"
     return text.strip() or repr(text)
 
@@ -154,8 +154,8 @@ def format_sense_table(projection: SenseProjection, tokenizer: Any,
     rows = [("sense", "promotes (highest E @ sense first)", "suppresses (lowest first)")]
     for k in range(K) if senses is None else senses:
         rows.append((str(k),
-                     ", ".join(_show(tokenizer, t) for t in projection.promoted_ids_KxW[k]),
-                     ", ".join(_show(tokenizer, t) for t in projection.suppressed_ids_KxW[k])))
+                     ", ".join(show_token(tokenizer, t) for t in projection.promoted_ids_KxW[k]),
+                     ", ".join(show_token(tokenizer, t) for t in projection.suppressed_ids_KxW[k])))
     widths = [max(len(r[c]) for r in rows) for c in range(2)]
     lines = [f"{r[0]:>{widths[0]}} | {r[1]:<{widths[1]}} | {r[2]}" for r in rows]
     lines.insert(1, "-" * len(lines[0]))
@@ -261,7 +261,7 @@ def scale_senses(config: BackpackConfig, factors: Mapping[int, Mapping[int, floa
     scale_VxK = np.ones((config.vocab_size, config.num_senses), np.float32)
     for token, per_sense in factors.items():
         for sense, factor in per_sense.items():
-            scale_VxK[_check_token(config, token), check_sense(config, sense)] = factor
+            scale_VxK[check_token(config, token), check_sense(config, sense)] = factor
     return no_intervention(config).replace(scale_VxK=jnp.asarray(scale_VxK))
 
 
@@ -275,7 +275,7 @@ def replace_senses(config: BackpackConfig, vectors: Mapping[int, Mapping[int, An
             if vector.shape != (config.n_embd,):
                 raise ValueError(f"replacement for token {token} sense {sense} has shape "
                                  f"{vector.shape}, expected ({config.n_embd},)")
-            pairs.append((_check_token(config, token), check_sense(config, sense)))
+            pairs.append((check_token(config, token), check_sense(config, sense)))
             rows.append(vector)
     return _with_replacements(no_intervention(config), pairs, rows)
 
@@ -320,13 +320,13 @@ def knowledge_edit(params: Params, config: BackpackConfig, word_ids: Sequence[in
     Senses that did not point at e_r barely change. Returned as replacement sense vectors, so it
     composes with other edits and works in `model.apply` and in generation.
     """
-    word = sorted({_check_token(config, t) for t in word_ids})
+    word = sorted({check_token(config, t) for t in word_ids})
     if not word:
         raise ValueError("word_ids is empty")
-    remove_id, add_id = _check_token(config, remove_id), _check_token(config, add_id)
+    remove_id, add_id = check_token(config, remove_id), check_token(config, add_id)
     if remove_id == add_id:
         raise ValueError(f"remove_id and add_id are the same token ({remove_id})")
-    e_V = np.asarray(_embedding_VxD(params), np.float64)
+    e_V = np.asarray(embedding_VxD(params), np.float64)
     e_r, e_a = e_V[remove_id], e_V[add_id]
     r2, a2 = e_r @ e_r, e_a @ e_a
     if r2 == 0 or a2 == 0:
@@ -342,7 +342,7 @@ def knowledge_edit(params: Params, config: BackpackConfig, word_ids: Sequence[in
 def _softmax_topic_scores_chunk(params, ids_C, topic_ids, *, config, vocab_limit):
     senses_CxKxD = BackpackLM(config).apply({"params": params}, ids_C[:, None],
                                             method="senses")[:, 0]
-    logits_CxKxV = jnp.einsum("ckd,vd->ckv", senses_CxKxD, _embedding_VxD(params)[:vocab_limit],
+    logits_CxKxV = jnp.einsum("ckd,vd->ckv", senses_CxKxD, embedding_VxD(params)[:vocab_limit],
                               precision=jax.lax.Precision.HIGHEST)
     return (jax.nn.logsumexp(logits_CxKxV[..., topic_ids], axis=-1)
             - jax.nn.logsumexp(logits_CxKxV, axis=-1))
@@ -366,7 +366,7 @@ def softmax_topic_scores(params: Params, config: BackpackConfig, topic_ids: Sequ
     """
     V = config.vocab_size
     vocab_limit = V if vocab_limit is None else min(vocab_limit, V)
-    topic = sorted({_check_token(config, t) for t in topic_ids})
+    topic = sorted({check_token(config, t) for t in topic_ids})
     if not topic:
         raise ValueError("topic_ids is empty")
     if topic[-1] >= vocab_limit:

@@ -114,7 +114,7 @@ def _score_chunk(params, ids_C, bags_ZxD, *, config, with_max):
         return bags_ZxCxK, None
     C, K, D = senses_CxKxD.shape
     # E @ senses^T rather than senses @ E^T: XLA:CPU runs this orientation at its GEMM rate.
-    logits_VxCK = senses._embedding_VxD(params) @ senses_CxKxD.reshape(C * K, D).T
+    logits_VxCK = senses.embedding_VxD(params) @ senses_CxKxD.reshape(C * K, D).T
     return bags_ZxCxK, logits_VxCK.max(axis=0).reshape(C, K)
 
 
@@ -180,8 +180,8 @@ def topic_scores(params: Params, config: BackpackConfig, bags: Sequence[Sequence
                          f"{(V, K)} for this model")
     if zero_from is not None and not 0 <= zero_from <= V:
         raise ValueError(f"zero_from={zero_from} is outside [0, {V}]")
-    e_VxD = np.asarray(senses._embedding_VxD(params), np.float32)
-    bags_ZxD = np.stack([e_VxD[sorted({senses._check_token(config, t) for t in b})].sum(0)
+    e_VxD = np.asarray(senses.embedding_VxD(params), np.float32)
+    bags_ZxD = np.stack([e_VxD[sorted({senses.check_token(config, t) for t in b})].sum(0)
                          for b in bags])
     numer_ZxVxK, max_VxK = _vocabulary_pass(params, config, bags_ZxD, max_logits_VxK is None,
                                             0, V, progress, "topic scores")

@@ -198,8 +198,8 @@ def _unit(x: jax.Array) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("config",))
 def _word_batch(params: Params, ids_BxU: jax.Array, count_B: jax.Array, *,
                 config: BackpackConfig) -> dict[str, tuple[jax.Array, jax.Array]]:
-    senses_BxUxKxD = senses._senses_BxSxKxD(params, ids_BxU, config=config)
-    embedding_BxUxD = senses._embedding_VxD(params)[ids_BxU]
+    senses_BxUxKxD = senses.senses_BxSxKxD(params, ids_BxU, config=config)
+    embedding_BxUxD = senses.embedding_VxD(params)[ids_BxU]
     keep_BxU = jnp.arange(ids_BxU.shape[1]) < count_B[:, None]
 
     def mean(x_BxUx_):

@@ -2,12 +2,13 @@
 attribution of a prediction, and steer generation by editing senses.
 
     python -m backpack_jax.demo --checkpoint DIR [--port 7860] [--host 127.0.0.1]
-        [--topic_cache PATH.npy]
+        [--topic_cache PATH.npy] [--no_sense_table] [--compile_cache DIR]
 
 `Demo` holds the model and does the work with the library functions (it is what the tests
 compare against them); `build_app` is the Gradio layer over it (`pip install
 'backpack-jax[demo]'`). Every text is padded to one of a few fixed lengths, and every control
-runs once at start-up, so a click reuses compiled code instead of waiting for XLA.
+runs once at start-up, so a click reuses compiled code instead of waiting for XLA; XLA's
+persistent cache keeps that code for the next start.
 """
 
 from __future__ import annotations
@@ -21,20 +22,26 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
-from backpack_jax import attribution, generate, senses, topic
+from backpack_jax import attribution, generate, sense_table, senses, topic
+from backpack_jax.config import BackpackConfig
 from backpack_jax.evals import common
 from backpack_jax.evals.topic import cached_max_logits
+from backpack_jax.model import Params
 from backpack_jax.tokenizer import get_tokenizer
 
 EXTRA_HINT = "pip install 'backpack-jax[demo]'"
 TOP_WORDS = 8  # words per sense and direction in the sense table
 TOP_TERMS = 10  # attribution terms listed
 MAX_NEW_TOKENS = 48  # every generation runs with this cache length and stops at the asked count
+MAX_TEMPERATURE = 2.0
+TOP_K = 50  # sampling keeps the 50 likeliest tokens (as `python -m backpack_jax.generate`)
 PLOT_TOKENS = 64  # the longest text the heatmaps and the attribution grid show
 PAPER_SENSE = 10  # the paper's gender debiasing removed sense 10 of a profession word
 INTERVENTIONS = ("scale a sense", "topic", "knowledge edit")
+COMPILE_CACHE = "~/.cache/backpack_jax/xla"
 
 
 def _buckets(limit: int, sizes: Sequence[int]) -> list[int]:
@@ -49,19 +56,33 @@ def _default_cache(checkpoint_path: str) -> str:
 
 
 class Demo:
-    """The model and what each control computes, as plain data (no Gradio)."""
+    """The model and what each control computes, as plain data (no Gradio).
 
-    def __init__(self, checkpoint_path: str, topic_cache: str | None = None):
-        self.params, self.config = common.load(checkpoint_path)
+    With `table` (`sense_table.build`), generation reads each token's senses from it instead of
+    running the sense network: the decoding `bench` reports as "cached + sense table".
+    """
+
+    def __init__(self, params: Params, config: BackpackConfig, topic_cache: str,
+                 table: sense_table.SenseTable | None = None):
+        self.params, self.config, self.table = params, config, table
         self.tokenizer = get_tokenizer()
-        self.topic_cache = topic_cache or _default_cache(checkpoint_path)
+        self.topic_cache = topic_cache
         self._max_logits_VxK: np.ndarray | None = None
         self._topic_scores: dict[str, np.ndarray] = {}
-        n = self.config.n_positions
+        n = config.n_positions
         self.text_lengths = _buckets(min(n, PLOT_TOKENS), (16,))
         self.prompt_lengths = _buckets(n - MAX_NEW_TOKENS, (16, 64))
-        self.default_sense = min(PAPER_SENSE, self.config.num_senses - 1)
+        self.default_sense = min(PAPER_SENSE, config.num_senses - 1)
         self.plots = tempfile.mkdtemp(prefix="backpack_demo_")
+
+    @classmethod
+    def load(cls, checkpoint_path: str, topic_cache: str | None = None,
+             with_table: bool = True) -> Demo:
+        """The demo of a checkpoint; `with_table` builds the sense table (`sense_table.nbytes`
+        of memory) for faster generation."""
+        params, config = common.load(checkpoint_path)
+        table = sense_table.build(params, config) if with_table else None
+        return cls(params, config, topic_cache or _default_cache(checkpoint_path), table)
 
     # ------------------------------------------------------------------------------ inputs
 
@@ -185,27 +206,37 @@ class Demo:
                              f"tokens this model takes at most {self.prompt_lengths[-1]}")
         return ids
 
-    def stream(self, ids: list[int], max_new_tokens: int, sense_edit: Any = None
-               ) -> Iterator[int]:
-        """Greedy tokens of `generate.stream`'s loop, stopping at end-of-text. The prompt is
-        left-padded to a fixed width and masked there, as in a batch of prompts of other
-        lengths, so its shapes were compiled at start-up."""
+    def stream(self, ids: list[int], max_new_tokens: int, sense_edit: Any = None,
+               temperature: float = 0.0, seed: int = 0) -> Iterator[int]:
+        """The tokens of `generate.stream`, stopping at end-of-text: greedy at temperature 0,
+        else sampled (top-k `TOP_K`) from `seed`. The prompt is left-padded to a fixed width
+        and masked there, as in a batch of prompts of other lengths, so its shapes were
+        compiled at start-up."""
         eot = self.tokenizer.eot_id
         width = next(b for b in self.prompt_lengths if b >= len(ids))
+        if self.table is not None:
+            sense_edit = self.table.replace(then=sense_edit)
+        sampled = dict(temperature=temperature, top_k=TOP_K, rng=jax.random.PRNGKey(seed)
+                       ) if temperature > 0 else {}
         steps = generate.stream(self.params, self.config, [ids], MAX_NEW_TOKENS, eos_id=eot,
-                                sense_edit=sense_edit, pad_to=width)
+                                sense_edit=sense_edit, pad_to=width, **sampled)
         for _, step in zip(range(max_new_tokens), steps, strict=False):
             token = int(step.tokens[0])
             if token == eot:
                 return
             yield token
 
-    def side_by_side(self, prompt: str, max_new_tokens: int, sense_edit: Any
-                     ) -> Iterator[tuple[str, str]]:
-        """The texts so far of the unmodified and the edited model, after every token."""
+    def side_by_side(self, prompt: str, max_new_tokens: int, sense_edit: Any,
+                     temperature: float = 0.0, seed: int = 0) -> Iterator[tuple[str, str]]:
+        """The texts so far of the unmodified and the edited model, after every token. Sampling
+        uses the same seed in both, so they differ by the intervention alone."""
+        if not 0 <= temperature <= MAX_TEMPERATURE:
+            raise ValueError(f"temperature must be in 0..{MAX_TEMPERATURE} (0 is greedy), got "
+                             f"{temperature}")
         ids = self.prompt_ids(prompt, max_new_tokens)
-        panes = [self.stream(ids, max_new_tokens), self.stream(ids, max_new_tokens, sense_edit)]
-        texts = [generate._TextStream(self.tokenizer) for _ in panes]
+        panes = [self.stream(ids, max_new_tokens, edit, temperature, seed)
+                 for edit in (None, sense_edit)]
+        texts = [generate.TextStream(self.tokenizer) for _ in panes]
         shown, live = [prompt, prompt], [True, True]
         while any(live):
             for p, pane in enumerate(panes):
@@ -220,7 +251,8 @@ class Demo:
     def warm_up(self) -> None:
         """Compiles every shape a control produces: a one-token word's sense table (a word of
         U tokens compiles once per U), each padded text length for the heatmaps and
-        attribution, and each prompt width for the three kinds of generation."""
+        attribution, and each prompt width for the three kinds of generation, greedy and
+        sampled."""
         self.sense_rows("a")
         a = self.tokenizer.encode(" a")[0]
         for width in self.text_lengths:
@@ -231,7 +263,8 @@ class Demo:
                      np.ones((self.config.vocab_size, self.config.num_senses), np.float32))]
         for width in self.prompt_lengths:
             for edit in edits:
-                list(self.stream([a] * width, 2, edit))
+                for temperature in (0.0, 1.0):
+                    list(self.stream([a] * width, 2, edit, temperature))
 
 
 # -------------------------------------------------------------------------------- the app
@@ -275,7 +308,8 @@ def build_app(demo: Demo) -> Any:
         return title, demo.attribution_plot(a), demo.term_rows(a)
 
     def steer(prompt, max_new_tokens, kind, word, sense, factor, topic_name, strength, edit_word,
-              remove, add, progress=gr.Progress(track_tqdm=True)):  # noqa: B008 (Gradio's API)
+              remove, add, temperature, seed,
+              progress=gr.Progress(track_tqdm=True)):  # noqa: B008 (Gradio's API)
         try:
             if kind == "scale a sense":
                 edit = demo.scale_edit(word, int(sense), float(factor))
@@ -285,7 +319,8 @@ def build_app(demo: Demo) -> Any:
                 edit = demo.knowledge(edit_word, remove, add)
             else:
                 raise ValueError(f"unknown intervention {kind!r}")
-            yield from demo.side_by_side(prompt, int(max_new_tokens), edit)
+            yield from demo.side_by_side(prompt, int(max_new_tokens), edit, float(temperature),
+                                         int(seed))
         except ValueError as e:
             raise gr.Error(str(e)) from None
 
@@ -337,12 +372,19 @@ def build_app(demo: Demo) -> Any:
                 k_word = gr.Textbox(value="MacBook", label="knowledge edit: word")
                 k_remove = gr.Textbox(value="Apple", label="from")
                 k_add = gr.Textbox(value="HP", label="to")
-            go = gr.Button("Generate (greedy)", elem_id="generate")
+            with gr.Row():
+                temperature = gr.Slider(0, MAX_TEMPERATURE, value=0, step=0.05,
+                                        label=f"temperature (0: greedy; else top-{TOP_K} "
+                                              "sampling)")
+                seed = gr.Number(value=0, precision=0,
+                                 label="seed (the same in both panes)")
+            go = gr.Button("Generate", elem_id="generate")
             with gr.Row():
                 plain = gr.Textbox(label="unmodified", lines=6, elem_id="plain")
                 edited = gr.Textbox(label="with the intervention", lines=6, elem_id="edited")
             go.click(steer, [prompt, max_new, kind, s_word, s_sense, s_factor, t_name,
-                             t_strength, k_word, k_remove, k_add], [plain, edited],
+                             t_strength, k_word, k_remove, k_add, temperature, seed],
+                     [plain, edited],
                      api_name="steer")
     return app
 
@@ -357,10 +399,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--topic_cache", metavar="PATH.npy",
                    help="where the topic control's sense max logits are kept (default: "
                         "~/.cache/backpack_jax/demo/<hash of the checkpoint path>/)")
+    p.add_argument("--no_sense_table", action="store_true",
+                   help="generate with the sense network instead of a table of every token's "
+                        "senses (saves vocab x senses x n_embd floats of memory, decodes slower)")
+    p.add_argument("--compile_cache", metavar="DIR", default=COMPILE_CACHE,
+                   help="keep XLA's compiled code here so that later starts skip most of the "
+                        "compiling ('' turns it off; default: %(default)s)")
     args = p.parse_args(argv)
     _import_gradio()
+    if args.compile_cache:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(args.compile_cache))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     try:
-        demo = Demo(args.checkpoint, args.topic_cache)
+        demo = Demo.load(args.checkpoint, args.topic_cache, with_table=not args.no_sense_table)
     except (FileNotFoundError, ValueError) as e:
         p.error(str(e))
     print("compiling every control's shapes ...", flush=True)

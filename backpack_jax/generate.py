@@ -319,7 +319,7 @@ def generate(params: Params, config: BackpackConfig, prompt_ids: Any, max_new_to
                       prompt_lengths=lengths_B, logits=logits, pad_id=pad_id)
 
 
-class _TextStream:
+class TextStream:
     """Turns token ids into text as they arrive, holding back incomplete UTF-8 sequences.
 
     A token can end inside a multi-byte character, which decodes to trailing U+FFFD until the
@@ -384,7 +384,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             parser.error(str(e))
         if args.num_samples > 1:
             print(f"\n===== sample {i} =====", flush=True)
-        text = _TextStream(tokenizer)
+        text = TextStream(tokenizer)
         sys.stdout.write(args.prompt)
         for step in steps:
             token = int(step.tokens[0])

@@ -1,7 +1,8 @@
 """Batch-1 greedy generation: cached decoding vs the reference's full forward per new token.
 
 Throughput is `generate` (the whole loop on the device); per-token latency near given positions
-comes from `stream`, which hands each token to the host as it is chosen.
+comes from `stream`, which hands each token to the host as it is chosen. The demo's pane
+(`Demo.stream`) is timed in the same run, to compare with the decoding it is built on.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from backpack_jax import generate
 from backpack_jax.config import BackpackConfig
+from backpack_jax.demo import MAX_NEW_TOKENS, Demo
 from bench.timing import best_seconds
 
 MIDDLE_POSITION = 128  # Latency is reported near the prompt's end, here and the last position.
@@ -104,6 +106,20 @@ def run(config: BackpackConfig, reference, params, prompt_len: int, new_tokens: 
         result["speedup"] = result["jax"]["tokens_per_s"] / result["reference"]["tokens_per_s"]
         result["same_first_tokens"] = _agreement(reference, prompt, jax_tokens)
     return result
+
+
+def demo_pane(config: BackpackConfig, params, table, prompt_len: int, repeats: int = 2) -> dict:
+    """What one pane of the demo's Steer tab streams (`Demo.stream`: greedy, the prompt padded
+    to the demo's width for it, its cache length, the sense table), timed like `stream`."""
+    pane = Demo(params, config, topic_cache="", table=table)
+    prompt = np.random.default_rng(0).integers(0, config.vocab_size, prompt_len).tolist()
+    list(pane.stream(prompt, MAX_NEW_TOKENS))  # compiles its shapes
+    times = min((_latencies(pane.stream(prompt, MAX_NEW_TOKENS)) for _ in range(repeats)),
+                key=lambda t: t[-1])
+    width = next(b for b in pane.prompt_lengths if b >= prompt_len)
+    return {"prompt_len": prompt_len, "padded_to": width, "new_tokens": len(times),
+            "cache_len": width + MAX_NEW_TOKENS - 1,
+            "jax": summarize(times, prompt_len, (prompt_len + len(times),))}
 
 
 def _agreement(reference, prompt: np.ndarray, jax_tokens: np.ndarray) -> int:

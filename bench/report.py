@@ -73,6 +73,24 @@ def generation_rows(results: dict, machine: dict) -> list[str]:
     return rows
 
 
+def demo_rows(results: dict, machine: dict) -> list[str]:
+    """The demo's pane against the "cached + sense table" row of the same run: its decode steps
+    (median, streamed to the host one by one) as a fraction of `generate`'s."""
+    config = get_model_config(results["config"])
+    r, base = results["demo_pane"], results["runs"]["cached + sense table"]
+    read_gbps = base.get("read_gbps", machine["read_gbps"])
+    step_bytes = flops.decode_bytes_per_token(config, r["cache_len"], True)
+    rate = 1e3 / r["jax"]["stream_step_ms"]
+    ratio = rate / (1e3 / base["jax"]["decode_step_ms"])
+    return [_row([f"demo pane {r['new_tokens']} new, B=1, prompt {r['prompt_len']} padded to "
+                  f"{r['padded_to']}, sense table (`Demo.stream`)", _f(r["jax"]["tokens_per_s"]),
+                  "-", f"{ratio:.2f}x of generate's step",
+                  f"{_f(read_gbps * 1e9 / step_bytes)} steps/s ({step_bytes / 1e6:,.0f} MB/step)",
+                  f"{100 * rate * step_bytes / (read_gbps * 1e9):.0f}% (step "
+                  f"{r['jax']['stream_step_ms']:.1f} ms)", ">= 0.9x generate's step",
+                  _mark(ratio >= 0.9)])]
+
+
 def topic_rows(results: dict, machine: dict) -> list[str]:
     """Scoring the vocabulary's sense vectors (bench/topic.py): bound by the GEMM rate, the
     target is 1.5x the bound's time at most."""
@@ -141,6 +159,8 @@ def markdown(results: dict) -> str:
             lines += topic_rows(results["forward"], m)
     if "generation" in results:
         lines += generation_rows(results["generation"], m)
+        if "demo_pane" in results["generation"]:
+            lines += demo_rows(results["generation"], m)
     if "training" in results:
         lines += training_rows(results["training"], m)
     if "generation" in results:

@@ -55,7 +55,8 @@ def cpu_part(name: str, quick: bool, new_tokens: int | None = None) -> dict:
     if ref_rate:
         with_table["speedup"] = with_table["jax"]["tokens_per_s"] / ref_rate
     runs["cached + sense table"] = with_table
-    return {"config": MODEL, "runs": runs}
+    pane = generation.demo_pane(config, params, table, 32, repeats=2 if quick else 4)
+    return {"config": MODEL, "runs": runs, "demo_pane": pane}
 
 
 def run(quick: bool, parts: list[str], new_tokens: int | None = None) -> dict:

@@ -53,7 +53,8 @@ def test_cpu_parts_run_and_render(tiny):
     train = training.run("tiny", 2, 16, repeats=1)
     results = {"machine": MACHINE,
                "forward": {"config": "tiny", "runs": fwd},
-               "generation": {"config": "tiny", "runs": gen},
+               "generation": {"config": "tiny", "runs": gen,
+                              "demo_pane": generation.demo_pane(config, params, table, 4, 1)},
                "training": {"config": "tiny", "run": train}}
 
     for r in fwd:  # the bench checks its own parity: same weights, same logits
@@ -62,7 +63,8 @@ def test_cpu_parts_run_and_render(tiny):
     table_md = report.markdown(results)
     for row in ("forward B=1 S=16 fp32", "forward B=2 S=16 fp32",
                 "forward B=1 S=16 fp32, sense table", "generate 6 new, B=1, cached",
-                "generate 6 new, B=1, cached + sense table", "train step tiny 2x16 float32"):
+                "generate 6 new, B=1, cached + sense table", "train step tiny 2x16 float32",
+                "demo pane 48 new, B=1, prompt 4 padded to 16, sense table (`Demo.stream`)"):
         assert f"| {row} |" in table_md, row
     # Latency near the prompt's end, the middle (128 lies beyond this run) and the end.
     assert "| generation, ms per token near position | 4 | 7 | 10 |" in table_md

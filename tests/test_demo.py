@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from backpack_jax import attribution, checkpoint, demo, generate, model, senses, topic
+from backpack_jax import attribution, checkpoint, demo, generate, model, sense_table, senses, topic
 from backpack_jax.config import get_model_config
 from backpack_jax.tokenizer import get_tokenizer
 
@@ -47,13 +47,15 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(tiny):
     """The app in a subprocess on a free port, and the topic cache it reads (written here while
-    it compiles); SIGTERM must stop it cleanly."""
+    it compiles); it keeps its compiled code in the test's folder; SIGTERM must stop it
+    cleanly."""
     root, params, config = tiny
     port = _free_port()
     log = open(root / "server.log", "w+")
     proc = subprocess.Popen(
         [sys.executable, "-m", "backpack_jax.demo", "--checkpoint", str(root / "ckpt"),
-         "--port", str(port), "--topic_cache", str(root / "max_logits.npy")],
+         "--port", str(port), "--topic_cache", str(root / "max_logits.npy"),
+         "--compile_cache", str(root / "xla")],
         stdout=log, stderr=subprocess.STDOUT)
     max_VxK = topic.sense_max_logits(params, config, progress=False)
     np.save(root / "partial.npy", max_VxK)
@@ -69,6 +71,7 @@ def server(tiny):
             assert proc.poll() is None, f"the demo exited:\n{log.read()}"
             assert time.monotonic() < deadline, f"the demo did not start:\n{log.read()}"
             time.sleep(0.5)
+    assert os.listdir(root / "xla"), "start-up should fill the compilation cache"
     yield url, max_VxK
     proc.send_signal(signal.SIGTERM)
     try:
@@ -93,26 +96,45 @@ def _table(value) -> list[list]:
     return value["data"] if isinstance(value, dict) else value
 
 
-def _generated(params, config, prompt_ids, n, edit) -> str:
-    """The library's greedy continuation, as the demo shows it."""
+def _generated(params, config, prompt_ids, n, edit, table=None, temperature=0.0, seed=0
+               ) -> str:
+    """The library's continuation, as the demo shows it: greedy, or sampled as the demo
+    samples; with a sense table, read from it."""
     tokenizer = get_tokenizer()
     eot = tokenizer.eot_id
-    out = generate.generate(params, config, [prompt_ids], n, eos_id=eot, sense_edit=edit)
+    if table is not None:
+        edit = table.replace(then=edit)
+    sampled = dict(temperature=temperature, top_k=demo.TOP_K, rng=jax.random.PRNGKey(seed)
+                   ) if temperature else {}
+    out = generate.generate(params, config, [prompt_ids], n, eos_id=eot, sense_edit=edit,
+                            **sampled)
     new = [int(t) for t in out.tokens[0, len(prompt_ids):]]
     new = new[:new.index(eot)] if eot in new else new
-    text = generate._TextStream(tokenizer)
+    text = generate.TextStream(tokenizer)
     return PROMPT + "".join(text.push(t) for t in new) + text.flush()
 
 
 def test_padding_keeps_the_real_positions(tiny):
     """The demo pads texts to fixed lengths; the model is causal, so alpha is unchanged."""
     root, params, config = tiny
-    d = demo.Demo(str(root / "ckpt"))
+    d = demo.Demo.load(str(root / "ckpt"), topic_cache=str(root / "unused.npy"))
     ids = d.tokenizer.encode(PROMPT)
     S = len(ids)
     padded = senses.contextualization(params, config, d._padded(ids))[0, :, :S, :S]
     np.testing.assert_allclose(padded, senses.contextualization(params, config, ids)[0],
                                atol=1e-6)
+
+
+def test_without_the_sense_table(tiny):
+    """`--no_sense_table`: the panes are the sense network's own generation."""
+    root, params, config = tiny
+    d = demo.Demo(params, config, topic_cache=str(root / "unused.npy"))
+    edit = d.scale_edit("nurse", d.default_sense, 0.0)
+    ids = d.tokenizer.encode(PROMPT)
+    for temperature in (0.0, 0.9):
+        *_, last = d.side_by_side(PROMPT, 10, edit, temperature, seed=5)
+        assert last == (_generated(params, config, ids, 10, None, None, temperature, 5),
+                        _generated(params, config, ids, 10, edit, None, temperature, 5))
 
 
 def test_controls_match_the_library(tiny, server, client):
@@ -143,6 +165,7 @@ def test_controls_match_the_library(tiny, server, client):
                                atol=1e-8)
 
     ids = tokenizer.encode(PROMPT)
+    table = sense_table.build(params, config)
     sense = min(demo.PAPER_SENSE, config.num_senses - 1)
     nurse = senses.word_token_ids("nurse", tokenizer)
     bag, _ = topic.bag_token_ids(topic.TOPICS["sports"], tokenizer)
@@ -154,22 +177,26 @@ def test_controls_match_the_library(tiny, server, client):
             params, config, senses.word_token_ids("nurse", tokenizer),
             *(senses.word_token_ids(w, tokenizer)[0] for w in ("said", "cat"))),
     }
-    plain = _generated(params, config, ids, 12, None)
-    for kind, edit in edits.items():
-        job = client.submit(PROMPT, 12, kind, "nurse", sense, 0.0, "sports", 3, "nurse", "said",
-                            "cat", api_name="/steer")
-        assert tuple(job.result()) == (plain, _generated(params, config, ids, 12, edit)), kind
-        assert len(job.outputs()) > 1, "the panes should stream"
+    for temperature, seed in ((0.0, 0), (0.8, 3)):
+        plain = _generated(params, config, ids, 12, None, table, temperature, seed)
+        for kind, edit in edits.items():
+            job = client.submit(PROMPT, 12, kind, "nurse", sense, 0.0, "sports", 3, "nurse",
+                                "said", "cat", temperature, seed, api_name="/steer")
+            want = (plain, _generated(params, config, ids, 12, edit, table, temperature, seed))
+            assert tuple(job.result()) == want, (kind, temperature)
+            assert len(job.outputs()) > 1, "the panes should stream"
 
 
 @pytest.mark.parametrize("endpoint, args, message", [
     ("/senses", ("  ", "first"), "the word is empty"),
-    ("/steer", (PROMPT, 5, "scale a sense", "nurse", 99, 0.0, "sports", 1, "a", "b", "c"),
+    ("/steer", (PROMPT, 5, "scale a sense", "nurse", 99, 0.0, "sports", 1, "a", "b", "c", 0, 0),
      "sense index 99 is out of range"),
+    ("/steer", (PROMPT, 5, "scale a sense", "nurse", 0, 0.0, "sports", 1, "a", "b", "c", -1, 0),
+     "less than minimum value 0"),
     ("/attribute", (" a" * 200, -1, ""), "n_positions=128"),
     ("/attribute", (PROMPT, 7, ""), "position 7 is outside"),
     ("/steer", (PROMPT, 5, "knowledge edit", "nurse", 0, 0.0, "sports", 1, "nurse",
-                "xyzzyplugh", "cat"), "it must be one"),
+                "xyzzyplugh", "cat", 0, 0), "it must be one"),
 ])
 def test_bad_input_is_a_message_and_the_server_keeps_serving(client, endpoint, args, message):
     with pytest.raises(AppError, match=message):

@@ -159,7 +159,7 @@ def test_text_stream_holds_back_partial_utf8():
     tokenizer = get_tokenizer()
     text = "naïve 😀 ok"
     ids = tokenizer.encode(text)
-    stream = generate._TextStream(tokenizer)
+    stream = generate.TextStream(tokenizer)
     pieces = [stream.push(i) for i in ids] + [stream.flush()]
     assert "".join(pieces) == text
     assert not any("\ufffd" in p for p in pieces)

@@ -272,7 +272,8 @@ class BackpackHarnessLM(lm_model.LM):
         """Continues each context until a stop string, <|endoftext|> or max_gen_toks tokens.
 
         Requests with the same generation arguments run together, longest context first, in
-        left-padded batches through the cached `generate.generate`; a context longer than
+        batches left-padded to `bucket_length` through the cached `generate.generate`, so few
+        prompt widths compile; a context longer than
         max_length - max_gen_toks loses tokens on the left. The stop strings are cut from the
         decoded text (decoding stops early only once every row has emitted <|endoftext|>).
         """
@@ -293,9 +294,10 @@ class BackpackHarnessLM(lm_model.LM):
                 for first in range(0, len(indices), self.batch_size):
                     batch = indices[first:first + self.batch_size]
                     rng = jax.random.fold_in(jax.random.PRNGKey(self.seed), calls)
+                    width = bucket_length(len(prompts[batch[0]]), room)
                     out = generate.generate(self.params, self.config,
                                             [prompts[i] for i in batch], max_gen_toks,
-                                            eos_id=self.eot_id, dtype=self.dtype,
+                                            eos_id=self.eot_id, dtype=self.dtype, pad_to=width,
                                             rng=rng if sampling["temperature"] else None,
                                             **sampling)
                     calls += 1

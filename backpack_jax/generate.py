@@ -79,14 +79,16 @@ class Generation:
 
 @flax.struct.dataclass
 class _Sampling:
-    """The sampling rule as data, so that changing its numbers does not recompile."""
+    """The sampling rule as data, so that changing its numbers does not recompile; top_k is a
+    shape (the candidates), so each k compiles once."""
 
     temperature: jax.Array  # float32 (unused when greedy)
-    top_k: jax.Array  # int32; vocab_size = off
     top_p: jax.Array  # float32; 1 = off
     eos_id: jax.Array  # int32; -1 = none
     rng: jax.Array | None
     greedy: bool = flax.struct.field(pytree_node=False)
+    top_k: int | None = flax.struct.field(pytree_node=False, default=None)  # None = every token
+    nucleus: bool = flax.struct.field(pytree_node=False, default=False)  # top_p was given
 
 
 def _left_pad(prompt_ids: Any, config: BackpackConfig, max_new_tokens: int, pad_id: int,
@@ -146,10 +148,10 @@ def _check_sampling(config: BackpackConfig, max_new_tokens: int, temperature: fl
     if eos_id is not None and not 0 <= eos_id < config.vocab_size:
         raise ValueError(f"eos_id={eos_id} is outside [0, vocab_size={config.vocab_size})")
     return _Sampling(temperature=jnp.float32(temperature if not greedy else 1.0),
-                     top_k=jnp.int32(config.vocab_size if top_k is None else top_k),
                      top_p=jnp.float32(1.0 if top_p is None else top_p),
                      eos_id=jnp.int32(-1 if eos_id is None else eos_id),
-                     rng=None if greedy else rng, greedy=greedy)
+                     rng=None if greedy else rng, greedy=greedy, top_k=top_k,
+                     nucleus=top_p is not None)
 
 
 def _choose(logits_BxV: jax.Array, done_B: jax.Array, step: jax.Array | int,
@@ -158,18 +160,21 @@ def _choose(logits_BxV: jax.Array, done_B: jax.Array, step: jax.Array | int,
     if sampling.greedy:
         next_B = jnp.argmax(logits_BxV, axis=-1)
     else:
-        logits = logits_BxV / sampling.temperature
-        sorted_BxV = -jnp.sort(-logits, axis=-1)  # descending
-        kth_Bx1 = jax.lax.dynamic_slice_in_dim(sorted_BxV, sampling.top_k - 1, 1, axis=-1)
-        sorted_BxV = jnp.where(sorted_BxV >= kth_Bx1, sorted_BxV, -jnp.inf)
-        # Keep the most likely tokens until their mass reaches top_p (always at least one).
-        probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
-        keep_BxV = (jnp.cumsum(probs_BxV, axis=-1) - probs_BxV < sampling.top_p) | (
-            sampling.top_p >= 1.0)
-        cutoff_Bx1 = jnp.maximum(kth_Bx1, jnp.min(jnp.where(keep_BxV, sorted_BxV, jnp.inf),
-                                                  axis=-1, keepdims=True))
-        logits = jnp.where(logits >= cutoff_Bx1, logits, -jnp.inf)
-        next_B = jax.random.categorical(jax.random.fold_in(sampling.rng, step), logits, axis=-1)
+        logits_BxV = logits_BxV / sampling.temperature
+        key = jax.random.fold_in(sampling.rng, step)
+        if sampling.top_k is None and not sampling.nucleus:
+            next_B = jax.random.categorical(key, logits_BxV, axis=-1)
+        else:
+            # The candidates, most likely first: the k best (a partial sort), else all of them.
+            k = logits_BxV.shape[-1] if sampling.top_k is None else sampling.top_k
+            cand_BxQ, ids_BxQ = jax.lax.top_k(logits_BxV, k)
+            # Keep the most likely until their mass reaches top_p (always at least one).
+            probs_BxQ = jax.nn.softmax(cand_BxQ, axis=-1)
+            keep_BxQ = (jnp.cumsum(probs_BxQ, axis=-1) - probs_BxQ < sampling.top_p) | (
+                sampling.top_p >= 1.0)
+            pick_B = jax.random.categorical(key, jnp.where(keep_BxQ, cand_BxQ, -jnp.inf),
+                                            axis=-1)
+            next_B = jnp.take_along_axis(ids_BxQ, pick_B[:, None], axis=-1)[:, 0]
     next_B = jnp.where(done_B, sampling.eos_id, next_B.astype(jnp.int32))
     return next_B, done_B | (next_B == sampling.eos_id)
 

@@ -74,21 +74,22 @@ def generation_rows(results: dict, machine: dict) -> list[str]:
 
 
 def demo_rows(results: dict, machine: dict) -> list[str]:
-    """The demo's pane against the "cached + sense table" row of the same run: its decode steps
-    (median, streamed to the host one by one) as a fraction of `generate`'s."""
+    """The demo's pane against the "cached" generation row of the same run (the issue's bar:
+    stream as fast as cached decoding), with its step (median, each token synced to the host)
+    against the bound of a decode step with the sense table."""
     config = get_model_config(results["config"])
-    r, base = results["demo_pane"], results["runs"]["cached + sense table"]
-    read_gbps = base.get("read_gbps", machine["read_gbps"])
+    r, runs = results["demo_pane"], results["runs"]
+    read_gbps = runs["cached + sense table"].get("read_gbps", machine["read_gbps"])
     step_bytes = flops.decode_bytes_per_token(config, r["cache_len"], True)
     rate = 1e3 / r["jax"]["stream_step_ms"]
-    ratio = rate / (1e3 / base["jax"]["decode_step_ms"])
+    ratio = r["jax"]["tokens_per_s"] / runs["cached"]["jax"]["tokens_per_s"]
     return [_row([f"demo pane {r['new_tokens']} new, B=1, prompt {r['prompt_len']} padded to "
                   f"{r['padded_to']}, sense table (`Demo.stream`)", _f(r["jax"]["tokens_per_s"]),
-                  "-", f"{ratio:.2f}x of generate's step",
+                  "-", f"{ratio:.2f}x cached generate",
                   f"{_f(read_gbps * 1e9 / step_bytes)} steps/s ({step_bytes / 1e6:,.0f} MB/step)",
                   f"{100 * rate * step_bytes / (read_gbps * 1e9):.0f}% (step "
-                  f"{r['jax']['stream_step_ms']:.1f} ms)", ">= 0.9x generate's step",
-                  _mark(ratio >= 0.9)])]
+                  f"{r['jax']['stream_step_ms']:.1f} ms)", ">= cached generate",
+                  _mark(ratio >= 1.0)])]
 
 
 def topic_rows(results: dict, machine: dict) -> list[str]:

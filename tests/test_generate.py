@@ -109,6 +109,38 @@ def test_sampling_is_reproducible_and_filters_as_asked(params):
     assert mass_above.max() < 0.5 and mass_above.max() > 0
 
 
+def _filtered_probs(logits_V, temperature, top_k=None, top_p=None):
+    """The distribution sampling should draw from, computed directly: softmax at the
+    temperature, the top_k likeliest renormalised, then the likeliest whose mass before them is
+    below top_p."""
+    z = logits_V.astype(np.float64) / temperature
+    order = np.argsort(-z, kind="stable")[:top_k or len(z)]
+    p = np.exp(z[order] - z[order].max())
+    p /= p.sum()
+    if top_p is not None:
+        p = np.where(np.cumsum(p) - p < top_p, p, 0.0)
+        p /= p.sum()
+    out = np.zeros_like(z)
+    out[order] = p
+    return out
+
+
+@pytest.mark.parametrize("options", [dict(temperature=1.0), dict(temperature=0.9, top_k=6),
+                                     dict(temperature=1.2, top_p=0.5),
+                                     dict(temperature=1.5, top_k=12, top_p=0.6)])
+def test_samples_follow_the_filtered_distribution(params, options):
+    """4,000 rows with one prompt draw independent first tokens: their frequencies must match
+    the filtered softmax of the model's logits."""
+    n = 4000
+    out = generate.generate(params, CONFIG, [PROMPTS[0]] * n, 1, return_logits=True,
+                            rng=jax.random.PRNGKey(11), **options)
+    want = _filtered_probs(np.asarray(out.logits[0, 0]), **options)
+    got = np.bincount(out.new_tokens[:, 0], minlength=CONFIG.vocab_size) / n
+    assert (want > 0.05).sum() >= 3, "the test needs a few likely tokens to be meaningful"
+    assert set(np.flatnonzero(got)) <= set(np.flatnonzero(want)), "a filtered token was drawn"
+    np.testing.assert_allclose(got, want, atol=0.03)  # 4 standard errors at p = 0.5
+
+
 def test_rows_that_emit_eos_keep_emitting_it_and_decoding_stops_when_all_are_done(params):
     greedy = generate.generate(params, CONFIG, PROMPTS, N_NEW).new_tokens
     eos = int(greedy[0, 3])

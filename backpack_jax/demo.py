@@ -206,6 +206,10 @@ class Demo:
                              f"tokens this model takes at most {self.prompt_lengths[-1]}")
         return ids
 
+    def prompt_width(self, n: int) -> int:
+        """The fixed width a prompt of `n` tokens is padded to."""
+        return next(b for b in self.prompt_lengths if b >= n)
+
     def stream(self, ids: list[int], max_new_tokens: int, sense_edit: Any = None,
                temperature: float = 0.0, seed: int = 0) -> Iterator[int]:
         """The tokens of `generate.stream`, stopping at end-of-text: greedy at temperature 0,
@@ -213,7 +217,7 @@ class Demo:
         and masked there, as in a batch of prompts of other lengths, so its shapes were
         compiled at start-up."""
         eot = self.tokenizer.eot_id
-        width = next(b for b in self.prompt_lengths if b >= len(ids))
+        width = self.prompt_width(len(ids))
         if self.table is not None:
             sense_edit = self.table.replace(then=sense_edit)
         sampled = dict(temperature=temperature, top_k=TOP_K, rng=jax.random.PRNGKey(seed)

@@ -116,7 +116,7 @@ def demo_pane(config: BackpackConfig, params, table, prompt_len: int, repeats: i
     list(pane.stream(prompt, MAX_NEW_TOKENS))  # compiles its shapes
     times = min((_latencies(pane.stream(prompt, MAX_NEW_TOKENS)) for _ in range(repeats)),
                 key=lambda t: t[-1])
-    width = next(b for b in pane.prompt_lengths if b >= prompt_len)
+    width = pane.prompt_width(prompt_len)
     return {"prompt_len": prompt_len, "padded_to": width, "new_tokens": len(times),
             "cache_len": width + MAX_NEW_TOKENS - 1,
             "jax": summarize(times, prompt_len, (prompt_len + len(times),))}

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from backpack_jax import model, senses
+from backpack_jax import atomic, model, senses
 from backpack_jax.config import BackpackConfig
 from backpack_jax.evals import common
 from backpack_jax.model import Params
@@ -46,7 +46,7 @@ def attribute(params: Params, config: BackpackConfig, token_ids: Sequence[int], 
     counts from the end) into its per-position, per-sense terms. A `sense_edit` that rewrites
     sense vectors is allowed; one that reweights alpha (`topic.TopicControl`) is not, since the
     alpha the model returns is the unweighted one."""
-    if getattr(sense_edit, "reweight", None) is not None:
+    if sense_edit is not None and sense_edit.reweights:
         raise ValueError("attribution under an edit that reweights alpha is not supported")
     ids = [int(t) for t in token_ids]
     if not ids:
@@ -97,7 +97,7 @@ def format_attribution(attribution: Attribution, tokenizer: Any, top: int = 10) 
 
 def plot_attribution(attribution: Attribution, labels: Sequence[str], path: str) -> None:
     """A word x sense grid of the contributions, diverging around 0."""
-    plt = common.pyplot()
+    plt = atomic.pyplot()
     c_SxK = attribution.contributions_SxK
     S, K = c_SxK.shape
     limit = max(float(np.abs(c_SxK).max()), 1e-9)
@@ -109,7 +109,7 @@ def plot_attribution(attribution: Attribution, labels: Sequence[str], path: str)
     ax.set_ylabel("context word")
     ax.set_title(f"contributions to logit {attribution.logit:.3f}")
     fig.colorbar(image, ax=ax, label="alpha * (E C)[target]")
-    common.save_figure(fig, path)
+    atomic.save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

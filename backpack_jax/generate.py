@@ -32,7 +32,8 @@ import numpy as np
 
 from backpack_jax import checkpoint, model
 from backpack_jax.config import BackpackConfig
-from backpack_jax.model import BackpackLM, DecodeCache, Params, SenseEdit
+from backpack_jax.edits import SenseEdit, check_edit
+from backpack_jax.model import BackpackLM, DecodeCache, Params
 from backpack_jax.tokenizer import get_tokenizer
 
 
@@ -281,6 +282,7 @@ def stream(params: Params, config: BackpackConfig, prompt_ids: Any, max_new_toke
 
     Arguments are validated when this is called, not when iteration starts.
     """
+    check_edit(sense_edit)
     sampling, _, ids_BxP, lengths_B = _prepare(config, prompt_ids, max_new_tokens, temperature,
                                                top_k, top_p, rng, eos_id, pad_to)
     return _steps(params, config, ids_BxP, lengths_B, max_new_tokens, sampling, return_logits,
@@ -309,6 +311,7 @@ def generate(params: Params, config: BackpackConfig, prompt_ids: Any, max_new_to
         many lengths compiles once per width it picks instead of once per length. The padding
         is masked, so the tokens are the same.
     """
+    check_edit(sense_edit)
     sampling, pad_id, ids_BxP, lengths_B = _prepare(config, prompt_ids, max_new_tokens,
                                                     temperature, top_k, top_p, rng, eos_id,
                                                     pad_to)

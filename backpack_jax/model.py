@@ -25,7 +25,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -35,6 +35,7 @@ import numpy as np
 
 from backpack_jax import xla_cpu
 from backpack_jax.config import BackpackConfig
+from backpack_jax.edits import ReweightInputs, SenseEdit, check_edit
 
 Params = Any
 # HF's weight network adds this constant above the diagonal (not -inf); we keep it for parity.
@@ -76,31 +77,6 @@ class DecodeCache:
     @property
     def length(self) -> int:
         return self.senses_BKxTxD.shape[1]
-
-
-class SenseEdit(Protocol):
-    """Anything that rewrites sense vectors given the tokens they belong to (see senses.py).
-
-    An edit may also rescale the weights alpha once they are computed, by defining
-    `reweight(alpha_BxKxSxT, inputs: ReweightInputs, state) -> (alpha_BxKxSxT, state)`: the
-    paper's topic control anneals its weights so (topic.TopicControl). `state` is what it keeps
-    about the prefix between decode steps, in `DecodeCache.edit_state`: None on a full pass
-    and at prefill, then whatever the previous call returned. Edits without it cost nothing.
-    """
-
-    def edit(self, input_ids_BxS: jax.Array, senses_BxSxKxD: jax.Array) -> jax.Array: ...
-
-
-@dataclasses.dataclass(frozen=True)
-class ReweightInputs:
-    """What a `reweight` sees of one call: the S new tokens, written at `cache_index`, and the T
-    positions they may attend to (T = S on a full pass)."""
-
-    input_ids_BxS: jax.Array
-    senses_BKxTxD: jax.Array  # every position's sense vectors, as edited, the new ones included
-    attend_BxSxT: jax.Array  # [B or 1, S, T]: False for padding and future positions
-    cache_index: jax.Array | int
-    wte_VxD: jax.Array  # the output embeddings E
 
 
 # ------------------------------------------------------------------------------ kernels
@@ -448,8 +424,8 @@ class Backpack(nn.Module):
             alpha_BxKxSxT = contextualization_weights(q_BKxSxE, k_BKxTxE, attend_BxSxT, B)
         wte_VxD = self.gpt2_model.wte.embedding
         weights_BxKxSxT = alpha_BxKxSxT
-        if (reweight := getattr(sense_edit, "reweight", None)) is not None:
-            weights_BxKxSxT, edit_state = reweight(
+        if sense_edit is not None:
+            weights_BxKxSxT, edit_state = sense_edit.reweight(
                 alpha_BxKxSxT, ReweightInputs(input_ids_BxS, senses_BKxTxD, attend_BxSxT,
                                               cache_index, wte_VxD),
                 None if cache is None else cache.edit_state)
@@ -511,6 +487,29 @@ def abstract_params(config: BackpackConfig) -> Params:
 def count_params(tree: Any) -> int:
     """Number of parameters in a (possibly abstract) parameter tree or subtree."""
     return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
+
+
+def embedding_VxD(params: Params) -> jax.Array:
+    """The word embeddings E, tied with the LM head: the space every sense vector is read in."""
+    return params["backpack"]["gpt2_model"]["wte"]["embedding"]
+
+
+def sense_network(params: Params, ids_BxS: jax.Array, config: BackpackConfig) -> jax.Array:
+    """Sense vectors [B, S, K, D] of token ids (they depend on the token alone): the sense
+    network in eval mode, traceable inside a caller's jit."""
+    return BackpackLM(config).apply({"params": params}, ids_BxS, method="senses")
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def _sense_vectors(params: Params, ids_Cx1: jax.Array, config: BackpackConfig) -> jax.Array:
+    return sense_network(params, ids_Cx1, config)[:, 0]
+
+
+def sense_vectors(params: Params, config: BackpackConfig, token_ids: Any) -> jax.Array:
+    """Sense vectors [C, K, D] of C token ids (no n_positions limit: each is its own row)."""
+    ids_Cx1 = np.asarray(token_ids, dtype=np.int32).reshape(-1, 1)
+    validate_token_ids(ids_Cx1, config, what="token_ids")
+    return _sense_vectors(params, jnp.asarray(ids_Cx1), config)
 
 
 def validate_token_ids(input_ids: Any, config: BackpackConfig, what: str = "input_ids",
@@ -580,6 +579,7 @@ def apply(params: Params, input_ids: jax.Array, config: BackpackConfig, *,
         backend (`PLAIN` gives the plain forms everywhere).
     """
     validate_token_ids(input_ids, config)
+    check_edit(sense_edit)
     B, S = input_ids.shape
     if position_ids is None:
         position_ids = jnp.arange(S, dtype=jnp.int32)

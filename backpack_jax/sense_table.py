@@ -22,11 +22,12 @@ import jax.numpy as jnp
 from tqdm import tqdm
 
 from backpack_jax.config import BackpackConfig
-from backpack_jax.model import BackpackLM, Params, ReweightInputs, SenseEdit
+from backpack_jax.edits import ReweightInputs, SenseEdit
+from backpack_jax.model import BackpackLM, Params
 
 
 @flax.struct.dataclass
-class SenseTable:
+class SenseTable(SenseEdit):
     senses_VxKxD: jax.Array
     then: SenseEdit | None = None  # an intervention applied to the looked-up senses
 
@@ -38,8 +39,13 @@ class SenseTable:
     def reweight(self, alpha_BxKxSxT: jax.Array, inputs: ReweightInputs, state: Any
                  ) -> tuple[jax.Array, Any]:
         """Passes alpha to `then`'s reweight (the annealed topic control has one)."""
-        then = getattr(self.then, "reweight", None)
-        return (alpha_BxKxSxT, state) if then is None else then(alpha_BxKxSxT, inputs, state)
+        if self.then is None:
+            return alpha_BxKxSxT, state
+        return self.then.reweight(alpha_BxKxSxT, inputs, state)
+
+    @property
+    def reweights(self) -> bool:
+        return self.then is not None and self.then.reweights
 
 
 def nbytes(config: BackpackConfig, dtype: Any = jnp.float32) -> int:

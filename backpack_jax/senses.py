@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from backpack_jax import checkpoint, model
 from backpack_jax.config import BackpackConfig
+from backpack_jax.edits import SenseEdit
 from backpack_jax.model import BackpackLM, Params
 from backpack_jax.tokenizer import get_tokenizer
 
@@ -220,7 +221,7 @@ def plot_contextualization(alpha_KxSxS: np.ndarray, labels: Sequence[str], sense
 # ---------------------------------------------------------------------------- interventions
 
 @flax.struct.dataclass
-class SenseIntervention:
+class SenseIntervention(SenseEdit):
     """Rewrites sense vectors by token: sense k of token v becomes
     scale_VxK[v, k] * (its replacement vector if (v, k) has one, else the original).
 

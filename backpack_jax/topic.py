@@ -50,7 +50,8 @@ from tqdm import tqdm
 
 from backpack_jax import senses
 from backpack_jax.config import BackpackConfig
-from backpack_jax.model import BackpackLM, Params, ReweightInputs
+from backpack_jax.edits import ReweightInputs, SenseEdit
+from backpack_jax.model import BackpackLM, Params
 from backpack_jax.senses import SenseIntervention
 
 # Table 10: each topic's bag of words, in the paper's (and the classifier's array) order.
@@ -270,7 +271,7 @@ def _topic_sums(inputs: ReweightInputs, state: AnnealState | None
 
 
 @flax.struct.dataclass
-class TopicControl:
+class TopicControl(SenseEdit):
     """The paper's topic control with annealing, as a sense edit: the senses stay as they are and
     alpha[l, i, j] becomes alpha[l, i, j] delta'[l, i, j] (see the module docstring).
 
@@ -288,9 +289,6 @@ class TopicControl:
         delta_VxK = jnp.asarray(delta_VxK, jnp.float32)
         return cls(delta_VxK=delta_VxK,
                    annealing_scale=jnp.max(delta_VxK) / jnp.float32(ANNEAL_DIVISOR))
-
-    def edit(self, input_ids_BxS: jax.Array, senses_BxSxKxD: jax.Array) -> jax.Array:
-        return senses_BxSxKxD  # The weights act on alpha (`reweight`).
 
     def reweight(self, alpha_BxKxSxT: jax.Array, inputs: ReweightInputs,
                  state: AnnealState | None) -> tuple[jax.Array, AnnealState]:

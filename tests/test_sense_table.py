@@ -8,6 +8,7 @@ import pytest
 
 from backpack_jax import generate, model, sense_table
 from backpack_jax.config import get_model_config
+from backpack_jax.edits import SenseEdit
 
 CONFIG = get_model_config("tiny").replace(vocab_size=300, bos_token_id=0, eos_token_id=0)
 
@@ -45,7 +46,7 @@ def test_then_edits_the_looked_up_senses(params_and_table):
     params, table = params_and_table
 
     @flax.struct.dataclass
-    class Double:
+    class Double(SenseEdit):
         def edit(self, ids, senses):
             return 2.0 * senses
 

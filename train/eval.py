@@ -22,7 +22,7 @@ import jax
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from backpack_jax import checkpoint, model
+from backpack_jax import atomic, checkpoint, model
 from backpack_jax.evals import common
 from train import data, sharding
 from train.step import Batch, global_batch, make_eval_step, make_model
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         result = _evaluate(parser, args)
         if args.json:
-            common.write_json(args.json, result)
+            atomic.write_json(args.json, result)
             print(f"wrote {args.json}")
     except (FileNotFoundError, ValueError) as e:  # A bad path, checkpoint or dataset: not a bug.
         sys.exit(f"error: {e}")

@@ -6,14 +6,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
-import json
-import math
-import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from backpack_jax import checkpoint
-from backpack_jax.atomic import atomic_path
+from backpack_jax.atomic import write_json
 from backpack_jax.config import BackpackConfig, get_model_config
 from backpack_jax.model import Params
 
@@ -31,45 +28,6 @@ def require(module: str, purpose: str) -> Any:
     except ImportError as e:
         raise MissingExtraError(f"{purpose} needs the Python package {module!r}, which is not "
                                 f"installed: {EXTRA_HINT}") from e
-
-
-# ------------------------------------------------------------------------------- atomic files
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Writes `obj` as indented JSON, atomically; NaN and infinities become null."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(_finite(obj), indent=2, sort_keys=False) + "\n")
-
-
-def _finite(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, Mapping):
-        return {str(k): _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # numpy/jax scalars
-        return _finite(obj.item())
-    return obj
-
-
-def save_figure(fig: Any, path: str | os.PathLike) -> None:
-    """Saves a matplotlib figure atomically and closes it."""
-    import matplotlib.pyplot as plt
-
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-
-
-def pyplot() -> Any:
-    """matplotlib.pyplot on the non-interactive backend (commands only write files)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 # ----------------------------------------------------------------------------------- tables

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from backpack_jax import model, senses
+from backpack_jax import atomic, model, senses
 from backpack_jax.config import BackpackConfig
 from backpack_jax.evals import common
 from backpack_jax.model import Params
@@ -479,7 +479,7 @@ def evaluate(params: Params, config: BackpackConfig, tokenizer: Any, *,
 
 def plot(result: GenderBias, word: str, path: str, paper: bool = False) -> None:
     """Figure 3: both pronouns' probabilities as the weight on the sense falls from 1 to 0."""
-    plt = common.pyplot()
+    plt = atomic.pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5), layout="constrained")
     for i, (pronoun, color) in enumerate(zip(result.pronouns, ("tab:blue", "tab:red"),
                                              strict=True)):
@@ -492,7 +492,7 @@ def plot(result: GenderBias, word: str, path: str, paper: bool = False) -> None:
     ax.set_xlabel(f"weight on sense {result.sense} of {' ' + word!r}")
     ax.set_ylabel("next-token probability")
     ax.legend()
-    common.save_figure(fig, path)
+    atomic.save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------- command

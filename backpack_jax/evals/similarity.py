@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from backpack_jax import model, senses
+from backpack_jax import atomic, model, senses
 from backpack_jax.config import BackpackConfig
 from backpack_jax.evals import common
 from backpack_jax.model import Params
@@ -341,7 +341,7 @@ def paper_table(datasets: Sequence[WordPairs]) -> common.Table:
 
 def plot(table: common.Table, path: str) -> None:
     """A heat map of rho, methods down and datasets across, one panel per representation."""
-    plt = common.pyplot()
+    plt = atomic.pyplot()
     methods = [name.rsplit(" (", 1)[0] for name in table.rows if name.endswith("(first)")]
     rho_grid = np.array([[table.rows[f"{m} ({r})"] for m in methods] for r in REPRESENTATIONS],
                          dtype=np.float64)
@@ -358,7 +358,7 @@ def plot(table: common.Table, path: str) -> None:
         ax.set_xticks(range(C), table.columns, rotation=30, ha="right")
         ax.set_yticks(range(len(methods)), methods if r == REPRESENTATIONS[0] else [])
     fig.colorbar(image, ax=axes, shrink=0.8, label="Spearman rho")
-    common.save_figure(fig, path)
+    atomic.save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------- command

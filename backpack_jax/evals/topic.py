@@ -39,10 +39,11 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from backpack_jax import generate, topic
+from backpack_jax import atomic, generate, topic
 from backpack_jax.config import BackpackConfig
+from backpack_jax.edits import SenseEdit
 from backpack_jax.evals import common
-from backpack_jax.model import Params, SenseEdit
+from backpack_jax.model import Params
 from backpack_jax.tokenizer import get_tokenizer
 
 # Table 12, backpack-gpt2: (semantic success, toks-in-vocab, MAUVE) by strength.
@@ -207,7 +208,7 @@ def _parse_strengths(text: str) -> list[int]:
 
 
 def _plot(path: str, strengths: list[int], tiv: list[float], sem: list[float | None]) -> None:
-    plt = common.pyplot()
+    plt = atomic.pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     x = np.arange(len(strengths))
     ax.bar(x - 0.2, tiv, 0.4, label="toks-in-vocab")
@@ -218,7 +219,7 @@ def _plot(path: str, strengths: list[int], tiv: list[float], sem: list[float | N
     ax.set_ylabel("share (mean over topics)")
     ax.set_title("Topic control")
     ax.legend()
-    common.save_figure(fig, path)
+    atomic.save_figure(fig, path)
 
 
 def _body(args: argparse.Namespace) -> dict[str, Any]:

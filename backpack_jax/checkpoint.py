@@ -5,11 +5,11 @@ A model directory holds `config.json` (the Hugging Face config dict) and either
     `python -m convert.hf_to_flax`), or
   - `checkpoints/<step>/params/`: a training workdir's Orbax `CheckpointManager` steps.
 `load` also accepts a Hugging Face directory (config.json + safetensors or .bin, read by
-`backpack_jax.hf`) or one step directory of a training run, so every CLI takes whatever
-checkpoint the user has. From a workdir whose newest steps fail to read (a node died while writing
-one), `load` takes the newest step that loads, with a warning line per damaged step; it moves
-nothing, since a reader must not change a live run's workdir (`train.run` moves damaged steps
-aside when it resumes).
+`backpack_jax.hf`), one step directory of a training run, or a Hugging Face Hub id (`hub`), so
+every CLI takes whatever checkpoint the user has. From a workdir whose newest steps fail to
+read (a node died while writing one), `load` takes the newest step that loads, with a warning
+line per damaged step; it moves nothing, since a reader must not change a live run's workdir
+(`train.run` moves damaged steps aside when it resumes).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from backpack_jax import hf, model
+from backpack_jax import hf, hub, model
 from backpack_jax.config import BackpackConfig
 
 PARAMS_DIR = "params"
@@ -167,11 +167,27 @@ def _newest_readable_step(workdir: pathlib.Path, steps: list[pathlib.Path]
                                f"{failed[0][1]})")
 
 
-def load(path: str | os.PathLike) -> tuple[model.Params, BackpackConfig]:
-    """Loads (params, config) from a converted model, a training workdir or step, or an HF dir."""
-    path = pathlib.Path(path).expanduser().absolute()
+def load(path: str | os.PathLike, revision: str | None = None
+         ) -> tuple[model.Params, BackpackConfig]:
+    """Loads (params, config) from a converted model, a training workdir or step, a Hugging Face
+    directory, or a Hub id (`org/name`, `org/name@revision`, or `revision=`; see `hub`).
+
+    An existing local path always wins over a Hub id spelled the same way.
+    """
+    local = pathlib.Path(path).expanduser().absolute()
+    if not local.exists() and (repo := hub.parse(str(path))) is not None:
+        repo_id, at = repo
+        if at is not None and revision is not None and at != revision:
+            raise ValueError(f"{path} names revision {at!r} but revision={revision!r} was "
+                             "also given")
+        return hf.load_hf(hub.snapshot(repo_id, at or revision))
+    if revision is not None:
+        raise ValueError(f"revision={revision!r} applies to Hub ids only, and {path} is a local "
+                         "path")
+    path = local
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint path {path} does not exist")
+        raise FileNotFoundError(f"checkpoint path {path} does not exist (nor is it a Hub id "
+                                "such as stanfordnlp/backpack-gpt2)")
     if (path / PARAMS_DIR).is_dir():
         config_dir = path if (path / hf.CONFIG_FILE).is_file() else path.parent.parent
         config = hf.read_config(config_dir)

@@ -90,18 +90,38 @@ def test_readers_parse_the_four_formats(files):
 def test_format_from_name_or_given(tmp_path, files):
     assert similarity.detect_format("x/simlex-999.TXT") == "simlex"
     assert similarity.detect_format("wordsim353_combined.csv") == "ws353"
-    combined = tmp_path / "combined.csv"
+    assert similarity.detect_format("wordsim353/combined.csv") == "ws353"
+    combined = tmp_path / "pairs.csv"
     combined.write_text(files["ws353"].read_text())
-    with pytest.raises(ValueError, match=r"combined.csv: cannot tell .*--format"):
+    with pytest.raises(ValueError, match=r"pairs.csv: cannot tell .*--format"):
         similarity.read_datasets([combined])
     one = similarity.read_datasets([combined], ["ws353"])
     assert one[0].name == "WS353" and len(one[0].scores_L) == PAIRS
     both = similarity.read_datasets([combined, files["ws353"]], ["ws353"])
-    assert [d.name for d in both] == ["WS353 (combined.csv)", "WS353 (WS353.csv)"]
+    assert [d.name for d in both] == ["WS353 (pairs.csv)", "WS353 (WS353.csv)"]
     with pytest.raises(ValueError, match="one --format for all files or one per file"):
         similarity.read_datasets([combined, files["ws353"], files["rg65"]], ["ws353", "rg65"])
     with pytest.raises(ValueError, match="given twice"):
         similarity.read_datasets([files["rg65"], files["rg65"]])
+
+
+@pytest.mark.parametrize("name, fmt", [("simlex999.txt", "simlex"),
+                                       ("wordsim353.tsv", "ws353")])
+def test_three_column_copies_with_comments(tmp_path, name, fmt):
+    """The form gensim ships: `#` comment lines, then word1<TAB>word2<TAB>score."""
+    pairs = _pairs(7)
+    lines = ["# a copy of the dataset", "#word1\tword2\tscore"]
+    lines += [f"{a}\t{b}\t{score}" for a, b, score in pairs[:3]] + ["", "# mid-file comment"]
+    lines += [f"{a}\t{b}\t{score}" for a, b, score in pairs[3:]]
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n")
+    d = similarity.read_dataset(path)
+    assert d.format == fmt and d.name == similarity.COLUMNS[fmt]
+    assert list(zip(d.words1_L, d.words2_L, d.scores_L.tolist(), strict=True)) == pairs
+    assert d.lines_L == [3, 4, 5, *range(8, 8 + PAIRS - 3)]
+    path.write_text("# comment\nold\tnew\thigh\n")
+    with pytest.raises(ValueError, match=r":2: the score 'high' is not a number"):
+        similarity.read_dataset(path)
 
 
 @pytest.mark.parametrize("fmt, text, match", [

@@ -49,7 +49,7 @@ from backpack_jax.tokenizer import get_tokenizer
 FORMATS = ("simlex", "simverb", "rg65", "ws353")
 # Lower-case pieces of a file name that give its format away.
 NAME_HINTS = {"simlex": ("simlex",), "simverb": ("simverb",), "rg65": ("rg65",),
-              "ws353": ("ws353", "wordsim")}
+              "ws353": ("ws353", "wordsim", "combined")}
 # The paper's column of each format.
 COLUMNS = {"simlex": "SL999", "simverb": "SV3500", "rg65": "RG65", "ws353": "WS353"}
 REPRESENTATIONS = senses.SUBWORD_CHOICES  # ("first", "mean")
@@ -83,6 +83,27 @@ LAYOUTS = {
     "rg65": _Layout(";", None, (0, 1, 2)),
     "ws353": _Layout(",", ("Word 1", "Word 2", "Human (mean)")),
 }
+# The form most copies circulate in (gensim ships SimLex-999 and WordSim-353 so): `#` comment
+# lines, then `word1<TAB>word2<TAB>score`. Recognised by content, whatever the dataset.
+THREE_COLUMNS = _Layout("\t", None, (0, 1, 2))
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _three_columns(lines: list[tuple[int, str]]) -> bool:
+    """Whether the file opens with a `#` comment (no original layout has one) or its first line
+    is `word<TAB>word<TAB>number`."""
+    if lines and lines[0][1].lstrip().startswith("#"):
+        return True
+    first = lines[0][1] if lines else ""
+    fields = first.split("\t")
+    return len(fields) == 3 and _is_number(fields[2].strip())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,8 +123,8 @@ class WordPairs:
 
 
 def detect_format(path: str | pathlib.Path) -> str:
-    """The format named by the file name (SimLex-999.txt, SimVerb-3500.txt, RG65.csv, WS353.csv
-    or wordsim*), case-insensitively."""
+    """The dataset named by the file name (SimLex-999.txt, SimVerb-3500.txt, RG65.csv, WS353.csv,
+    wordsim* or WordSim353's combined.csv), case-insensitively."""
     name = pathlib.Path(path).name.lower()
     hits = [f for f, hints in NAME_HINTS.items() if any(h in name for h in hints)]
     if len(hits) != 1:
@@ -114,7 +135,8 @@ def detect_format(path: str | pathlib.Path) -> str:
 
 def read_dataset(path: str | pathlib.Path, format: str | None = None,
                  name: str | None = None) -> WordPairs:
-    """Reads one file in its distributed format (see `LAYOUTS`); blank lines are skipped."""
+    """Reads one file in its distributed format (see `LAYOUTS`) or the common three-column
+    form (`THREE_COLUMNS`, `#` comments allowed); blank lines are skipped."""
     format = detect_format(path) if format is None else format
     if format not in LAYOUTS:
         raise ValueError(f"{path}: unknown dataset format {format!r}; choose one of "
@@ -125,6 +147,9 @@ def read_dataset(path: str | pathlib.Path, format: str | None = None,
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if _three_columns(lines):
+        layout = THREE_COLUMNS
+        lines = [(n, line) for n, line in lines if not line.lstrip().startswith("#")]
     columns = layout.columns
     if layout.header is not None and lines:
         n, line = lines.pop(0)

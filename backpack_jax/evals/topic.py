@@ -234,7 +234,7 @@ def _body(args: argparse.Namespace) -> dict[str, Any]:
                 "toks_in_vocab": toks_in_vocab(tokens[k], bags[name]["token_ids"]),
                 "semantic_success": semantic_success(probs[k][:, column]) if probs else None}
     if args.samples_out:
-        with common.atomic_path(args.samples_out) as tmp, open(tmp, "w") as f:
+        with atomic.atomic_path(args.samples_out) as tmp, open(tmp, "w") as f:
             for (name, s), rows in tokens.items():
                 for text, row in zip(texts[name, s], rows, strict=True):
                     f.write(json.dumps({"topic": name, "strength": s, "text": text,

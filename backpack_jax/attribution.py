@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from backpack_jax import atomic, model, senses
+from backpack_jax import atomic, model
 from backpack_jax.config import BackpackConfig
+from backpack_jax.edits import check_edit
 from backpack_jax.evals import common
 from backpack_jax.model import Params
 from backpack_jax.tokenizer import get_tokenizer
@@ -43,11 +44,14 @@ class Attribution:
 def attribute(params: Params, config: BackpackConfig, token_ids: Sequence[int], position: int,
               target: int | None = None, *, sense_edit: Any = None) -> Attribution:
     """Splits the logit of `target` (default: the model's top token) at `position` (negative
-    counts from the end) into its per-position, per-sense terms. A `sense_edit` that rewrites
-    sense vectors is allowed; one that reweights alpha (`topic.TopicControl`) is not, since the
-    alpha the model returns is the unweighted one."""
+    counts from the end) into its per-position, per-sense terms. Any `sense_edit` that only
+    rewrites sense vectors is allowed (an intervention, a `SenseTable`); one that reweights
+    alpha (`topic.TopicControl`) is not, since the alpha the model returns is the unweighted
+    one."""
+    check_edit(sense_edit)
     if sense_edit is not None and sense_edit.reweights:
-        raise ValueError("attribution under an edit that reweights alpha is not supported")
+        raise ValueError(f"attribution under an edit that reweights alpha "
+                         f"({type(sense_edit).__name__}) is not supported")
     ids = [int(t) for t in token_ids]
     if not ids:
         raise ValueError("token_ids is empty")
@@ -57,13 +61,13 @@ def attribute(params: Params, config: BackpackConfig, token_ids: Sequence[int], 
     if not -S <= position < S:
         raise ValueError(f"position {position} is outside the text's {S} tokens")
     i = position % S
+    if target is not None:
+        target = model.check_token(config, target)
     out = model.apply(params, ids_1xS, config, return_contextualization=True,
                       return_senses=True, sense_edit=sense_edit)
     logits_V = np.asarray(out.logits[0, i])
-    target = int(np.argmax(logits_V)) if target is None else int(target)
-    if not 0 <= target < config.vocab_size:
-        raise ValueError(f"target {target} is outside the vocabulary [0, {config.vocab_size})")
-    e_D = np.asarray(senses.embedding_VxD(params)[target], np.float64)
+    target = int(np.argmax(logits_V)) if target is None else target
+    e_D = np.asarray(model.embedding_VxD(params)[target], np.float64)
     alpha_KxS = np.asarray(out.contextualization[0, :, i, :i + 1], np.float64)
     senses_KxSxD = np.asarray(out.senses[0, :, :i + 1], np.float64)
     contributions_SxK = (alpha_KxS * (senses_KxSxD @ e_D)).T

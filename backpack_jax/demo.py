@@ -25,11 +25,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from backpack_jax import attribution, generate, sense_table, senses, topic
+from backpack_jax import attribution, batching, generate, interventions, sense_table, senses, topic
 from backpack_jax.config import BackpackConfig
 from backpack_jax.evals import common
-from backpack_jax.evals.topic import cached_max_logits
-from backpack_jax.model import Params
+from backpack_jax.model import Params, check_sense
 from backpack_jax.tokenizer import get_tokenizer
 
 EXTRA_HINT = "pip install 'backpack-jax[demo]'"
@@ -39,14 +38,12 @@ MAX_NEW_TOKENS = 48  # every generation runs with this cache length and stops at
 MAX_TEMPERATURE = 2.0
 TOP_K = 50  # sampling keeps the 50 likeliest tokens (as `python -m backpack_jax.generate`)
 PLOT_TOKENS = 64  # the longest text the heatmaps and the attribution grid show
+# Texts and prompts are padded to `batching.bucket` widths from this one: a short text costs
+# little more at 64 positions, and fewer widths compile at start-up.
+SMALLEST_WIDTH = 64
 PAPER_SENSE = 10  # the paper's gender debiasing removed sense 10 of a profession word
 INTERVENTIONS = ("scale a sense", "topic", "knowledge edit")
 COMPILE_CACHE = "~/.cache/backpack_jax/xla"
-
-
-def _buckets(limit: int, sizes: Sequence[int]) -> list[int]:
-    """The fixed lengths texts are padded to: those of `sizes` below `limit`, then `limit`."""
-    return [s for s in sizes if s < limit] + [limit]
 
 
 def _default_cache(checkpoint_path: str) -> str:
@@ -70,8 +67,8 @@ class Demo:
         self._max_logits_VxK: np.ndarray | None = None
         self._topic_scores: dict[str, np.ndarray] = {}
         n = config.n_positions
-        self.text_lengths = _buckets(min(n, PLOT_TOKENS), (16,))
-        self.prompt_lengths = _buckets(n - MAX_NEW_TOKENS, (16, 64))
+        self.text_lengths = batching.buckets(min(n, PLOT_TOKENS), SMALLEST_WIDTH)
+        self.prompt_lengths = batching.buckets(n - MAX_NEW_TOKENS, SMALLEST_WIDTH)
         self.default_sense = min(PAPER_SENSE, config.num_senses - 1)
         self.plots = tempfile.mkdtemp(prefix="backpack_demo_")
 
@@ -108,7 +105,7 @@ class Demo:
     def _padded(self, ids: list[int]) -> list[int]:
         """`ids` followed by end-of-text up to the next fixed length: the model is causal, so
         positions < len(ids) see exactly what they would without the padding."""
-        width = next(b for b in self.text_lengths if b >= len(ids))
+        width = batching.bucket(len(ids), self.text_lengths[-1], SMALLEST_WIDTH)
         return ids + [self.tokenizer.eot_id] * (width - len(ids))
 
     def labels(self, ids: Sequence[int]) -> list[str]:
@@ -122,16 +119,13 @@ class Demo:
         ws = senses.word_senses(self.params, self.config, word, self.tokenizer, subword=subword)
         p = senses.project_senses(self.params, ws.senses_KxD, top=top,
                                   vocab_limit=self.tokenizer.n_vocab)
-        show = senses.show_token
-        return [[str(k), ", ".join(show(self.tokenizer, t) for t in p.promoted_ids_KxW[k]),
-                 ", ".join(show(self.tokenizer, t) for t in p.suppressed_ids_KxW[k])]
-                for k in range(self.config.num_senses)]
+        return [list(row) for row in senses.sense_rows(p, self.tokenizer)]
 
     # ------------------------------------------------------------------- contextualization
 
     def heatmaps(self, text: str, chosen: Sequence[int]) -> str:
         """A PNG of alpha for the chosen senses (`senses.plot_contextualization`)."""
-        chosen = [senses.check_sense(self.config, int(k)) for k in chosen]
+        chosen = [check_sense(self.config, int(k)) for k in chosen]
         if not chosen:
             raise ValueError("choose at least one sense")
         ids = self._text_ids(text)
@@ -166,10 +160,12 @@ class Demo:
 
     # ------------------------------------------------------------------------------- steer
 
-    def scale_edit(self, word: str, sense: int, factor: float) -> senses.SenseIntervention:
+    def scale_edit(self, word: str, sense: int, factor: float
+                   ) -> interventions.SenseIntervention:
         """Sense `sense` of every token of `word` multiplied by `factor`."""
         ids = senses.word_token_ids(word, self.tokenizer)
-        return senses.scale_senses(self.config, {t: {int(sense): float(factor)} for t in ids})
+        return interventions.scale_senses(self.config,
+                                          {t: {int(sense): float(factor)} for t in ids})
 
     def topic_edit(self, name: str, strength: int, progress: bool = True) -> topic.TopicControl:
         """The paper's topic control. The topic-independent part (`topic.sense_max_logits`, the
@@ -180,8 +176,8 @@ class Demo:
         if name not in self._topic_scores:
             if self._max_logits_VxK is None:
                 os.makedirs(os.path.dirname(os.path.abspath(self.topic_cache)), exist_ok=True)
-                self._max_logits_VxK = cached_max_logits(self.params, self.config,
-                                                         self.topic_cache, progress=progress)
+                self._max_logits_VxK = topic.cached_max_logits(
+                    self.params, self.config, self.topic_cache, progress=progress)
             bag, _ = topic.bag_token_ids(topic.TOPICS[name], self.tokenizer)
             self._topic_scores[name] = topic.topic_scores(
                 self.params, self.config, [bag], max_logits_VxK=self._max_logits_VxK,
@@ -189,11 +185,11 @@ class Demo:
         return topic.TopicControl.from_weights(
             topic.sense_weights(self._topic_scores[name], int(strength)))
 
-    def knowledge(self, word: str, remove: str, add: str) -> senses.SenseIntervention:
-        return senses.knowledge_edit(self.params, self.config,
-                                     senses.word_token_ids(word, self.tokenizer),
-                                     self._one_token(remove, "the word to remove"),
-                                     self._one_token(add, "the word to add"))
+    def knowledge(self, word: str, remove: str, add: str) -> interventions.SenseIntervention:
+        return interventions.knowledge_edit(self.params, self.config,
+                                            senses.word_token_ids(word, self.tokenizer),
+                                            self._one_token(remove, "the word to remove"),
+                                            self._one_token(add, "the word to add"))
 
     def prompt_ids(self, prompt: str, max_new_tokens: int) -> list[int]:
         if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
@@ -208,7 +204,7 @@ class Demo:
 
     def prompt_width(self, n: int) -> int:
         """The fixed width a prompt of `n` tokens is padded to."""
-        return next(b for b in self.prompt_lengths if b >= n)
+        return batching.bucket(n, self.prompt_lengths[-1], SMALLEST_WIDTH)
 
     def stream(self, ids: list[int], max_new_tokens: int, sense_edit: Any = None,
                temperature: float = 0.0, seed: int = 0) -> Iterator[int]:

@@ -538,6 +538,23 @@ def validate_token_ids(input_ids: Any, config: BackpackConfig, what: str = "inpu
                              f"{int(bad.sum())} id(s) out of range in total")
 
 
+def check_token(config: BackpackConfig, token: Any) -> int:
+    """`token` as an int, or a ValueError unless it is a token id of this model."""
+    if isinstance(token, bool) or not isinstance(token, (int, np.integer)) or not (
+            0 <= token < config.vocab_size):
+        raise ValueError(f"token id {token!r} is outside [0, vocab_size={config.vocab_size})")
+    return int(token)
+
+
+def check_sense(config: BackpackConfig, sense: Any) -> int:
+    """`sense` as an int, or a ValueError unless it is a sense index of this model."""
+    if isinstance(sense, bool) or not isinstance(sense, (int, np.integer)) or not (
+            0 <= sense < config.num_senses):
+        raise ValueError(f"sense index {sense!r} is out of range: this model has "
+                         f"num_senses={config.num_senses} (valid: 0..{config.num_senses - 1})")
+    return int(sense)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "train", "return_contextualization",
                                              "return_senses", "dtype", "kernels"))
 def _apply(params, input_ids, position_ids, rng, sense_edit, contextualization, *, config,

@@ -21,9 +21,10 @@ import jax
 import jax.numpy as jnp
 from tqdm import tqdm
 
+from backpack_jax import batching, model
 from backpack_jax.config import BackpackConfig
 from backpack_jax.edits import ReweightInputs, SenseEdit
-from backpack_jax.model import BackpackLM, Params
+from backpack_jax.model import Params
 
 
 @flax.struct.dataclass
@@ -56,7 +57,7 @@ def nbytes(config: BackpackConfig, dtype: Any = jnp.float32) -> int:
 @functools.partial(jax.jit, static_argnames=("config", "chunk"), donate_argnames=("table",))
 def _fill(table, params, start, *, config, chunk):
     ids_1xC = (start + jnp.arange(chunk, dtype=jnp.int32))[None]
-    senses_CxKxD = BackpackLM(config).apply({"params": params}, ids_1xC, method="senses")[0]
+    senses_CxKxD = model.sense_network(params, ids_1xC, config)[0]
     return jax.lax.dynamic_update_slice(table, senses_CxKxD.astype(table.dtype), (start, 0, 0))
 
 
@@ -64,14 +65,14 @@ def build(params: Params, config: BackpackConfig, *, chunk: int = 2048,
           dtype: Any = jnp.float32, then: SenseEdit | None = None) -> SenseTable:
     """Runs the sense network over the whole vocabulary (eval mode), `chunk` tokens at a time.
 
-    Peak memory is the table itself: chunks are written into it in place. Each chunk is
-    waited for, so the progress bar shows the work, not its dispatch.
+    Peak memory is the table itself: chunks are written into it in place (the last one,
+    shifted back by `batching.windows`, rewrites a few rows with the same values). Each chunk
+    is waited for, so the progress bar shows the work, not its dispatch.
     """
     V = config.vocab_size
-    chunk = min(chunk, V)
     table = jnp.zeros((V, config.num_senses, config.n_embd), dtype)
-    for first in tqdm(range(0, V, chunk), desc="sense table", unit="chunk"):
-        # The last chunk is shifted back to stay inside the table (it recomputes a few rows).
-        start = jnp.int32(min(first, V - chunk))
-        table = _fill(table, params, start, config=config, chunk=chunk).block_until_ready()
+    chunks = list(batching.windows(V, chunk))
+    for w in tqdm(chunks, desc="sense table", unit="chunk"):
+        table = _fill(table, params, jnp.int32(w.start), config=config,
+                      chunk=w.stop - w.start).block_until_ready()
     return SenseTable(table, then)

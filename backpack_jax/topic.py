@@ -31,14 +31,13 @@ the device inside the cached decode: the cache keeps the ids so far and a, and e
 only the new token's terms (no recomputation of the prefix); a full pass of `model.apply`
 computes the same a from the whole sequence.
 
-`senses.softmax_topic_intervention` is an older, simpler alternative that is not the paper's:
-it scores by the softmax mass a sense puts on the topic words, scales the top N pairs by one
-factor, and does not anneal.
+`cached_max_logits` keeps the denominators in a file, checked against the parameters when read.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -48,11 +47,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from backpack_jax import senses
+from backpack_jax import atomic, batching, interventions, model, senses
 from backpack_jax.config import BackpackConfig
 from backpack_jax.edits import ReweightInputs, SenseEdit
-from backpack_jax.model import BackpackLM, Params
-from backpack_jax.senses import SenseIntervention
+from backpack_jax.interventions import SenseIntervention
+from backpack_jax.model import Params
 
 # Table 10: each topic's bag of words, in the paper's (and the classifier's array) order.
 TOPICS: dict[str, tuple[str, ...]] = {
@@ -84,6 +83,7 @@ ANNEAL_DIVISOR = 7.5  # ... with f = max(delta) / ANNEAL_DIVISOR
 POSITION_SCALE = 100.0  # ... times (1 + j / POSITION_SCALE)
 # Rows of one scoring matmul (tokens x senses): XLA:CPU reached its GEMM rate from 1024 to 2048.
 SCORE_ROWS = 2048
+CACHE_CHECK_ROWS = 3  # rows of a cached `sense_max_logits` recomputed to check its weights
 
 
 def bag_token_ids(words: Sequence[str], tokenizer: Any) -> tuple[list[int], list[str]]:
@@ -108,36 +108,34 @@ def bag_token_ids(words: Sequence[str], tokenizer: Any) -> tuple[list[int], list
 def _score_chunk(params, ids_C, bags_ZxD, *, config, with_max):
     """For C tokens: each of the Z bags' logit sum b . (E C(x)_l) [Z, C, K], and
     max_u (E C(x)_l)[u] [C, K]."""
-    senses_CxKxD = BackpackLM(config).apply({"params": params}, ids_C[None], method="senses")[0]
+    senses_CxKxD = model.sense_network(params, ids_C[None], config)[0]
     bags_ZxCxK = jnp.einsum("zd,ckd->zck", bags_ZxD, senses_CxKxD,
                             precision=jax.lax.Precision.HIGHEST)
     if not with_max:
         return bags_ZxCxK, None
     C, K, D = senses_CxKxD.shape
     # E @ senses^T rather than senses @ E^T: XLA:CPU runs this orientation at its GEMM rate.
-    logits_VxCK = senses.embedding_VxD(params) @ senses_CxKxD.reshape(C * K, D).T
+    logits_VxCK = model.embedding_VxD(params) @ senses_CxKxD.reshape(C * K, D).T
     return bags_ZxCxK, logits_VxCK.max(axis=0).reshape(C, K)
 
 
 def _vocabulary_pass(params: Params, config: BackpackConfig, bags_ZxD: np.ndarray,
                      with_max: bool, start: int, stop: int, progress: bool, desc: str
                      ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Runs `_score_chunk` over the tokens [start, stop), SCORE_ROWS / K tokens at a time:
-    ([Z, stop - start, K], [stop - start, K] or None)."""
+    """Runs `_score_chunk` over the tokens [start, stop), SCORE_ROWS / K tokens at a time
+    (`batching.windows`): ([Z, stop - start, K], [stop - start, K] or None)."""
     n, K = stop - start, config.num_senses
-    chunk = max(1, min(SCORE_ROWS // K, n))
     bags_ZxVxK = np.empty((len(bags_ZxD), n, K), np.float32)
     max_VxK = np.empty((n, K), np.float32) if with_max else None
     with tqdm(total=n, desc=desc, unit="token", disable=not progress) as bar:
-        for first in range(start, stop, chunk):
-            lo = min(first, stop - chunk) - start  # the last chunk is shifted back inside
-            ids_C = jnp.arange(start + lo, start + lo + chunk, dtype=jnp.int32)
+        for w in batching.windows(n, max(1, SCORE_ROWS // K)):
+            ids_C = jnp.arange(start + w.start, start + w.stop, dtype=jnp.int32)
             bags_ZxCxK, max_CxK = _score_chunk(params, ids_C, jnp.asarray(bags_ZxD, jnp.float32),
                                                config=config, with_max=with_max)
-            bags_ZxVxK[:, lo:lo + chunk] = np.asarray(bags_ZxCxK)  # waits: the bar shows work
+            bags_ZxVxK[:, w.start:w.stop] = np.asarray(bags_ZxCxK)  # waits: the bar shows work
             if with_max:
-                max_VxK[lo:lo + chunk] = np.asarray(max_CxK)
-            bar.update(min(chunk, stop - first))
+                max_VxK[w.start:w.stop] = np.asarray(max_CxK)
+            bar.update(w.stop - w.start - w.new)
     return bags_ZxVxK, max_VxK
 
 
@@ -163,6 +161,43 @@ def sense_max_logits(params: Params, config: BackpackConfig, *, start: int = 0,
                             "sense max logits")[1]
 
 
+def cached_max_logits(params: Params, config: BackpackConfig, path: str | os.PathLike | None,
+                      *, progress: bool = True) -> np.ndarray:
+    """`sense_max_logits` of the whole vocabulary: read from `path` when it holds them for
+    these weights, else computed (and written to `path`, atomically, when given).
+
+    A cached table must have this model's shape [V, K], be finite, and agree with a few rows
+    recomputed from the parameters, so that a table from other weights is caught.
+    """
+    V, K = config.vocab_size, config.num_senses
+    if path is None or not os.path.exists(path):
+        max_VxK = sense_max_logits(params, config, progress=progress)
+        if path is not None:
+            with atomic.atomic_path(path) as tmp:
+                np.save(tmp, max_VxK)
+            print(f"wrote the sense max logits to {path}")
+        return max_VxK
+    try:
+        max_VxK = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"score cache {path} is not a readable .npy file: {e}") from None
+    if max_VxK.shape != (V, K) or max_VxK.dtype != np.float32:
+        raise ValueError(f"score cache {path} holds a {max_VxK.dtype} array of shape "
+                         f"{max_VxK.shape}; this model needs float32 {(V, K)} (vocab_size, "
+                         "num_senses): delete it or name another file")
+    if not np.isfinite(max_VxK).all():
+        raise ValueError(f"score cache {path} holds non-finite values")
+    for v in np.linspace(0, V - 1, CACHE_CHECK_ROWS).astype(int):
+        row_K = sense_max_logits(params, config, start=int(v), stop=int(v) + 1,
+                                 progress=False)[0]
+        if not np.allclose(row_K, max_VxK[v], rtol=1e-3, atol=1e-5):
+            raise ValueError(f"score cache {path} was computed for other weights: token {v} "
+                             f"has {max_VxK[v].tolist()}, these weights give {row_K.tolist()}; "
+                             "delete it or name another file")
+    print(f"read the sense max logits from {path}")
+    return max_VxK
+
+
 def topic_scores(params: Params, config: BackpackConfig, bags: Sequence[Sequence[int]], *,
                  max_logits_VxK: np.ndarray | None = None, zero_from: int | None = None,
                  progress: bool = True) -> np.ndarray:
@@ -181,8 +216,8 @@ def topic_scores(params: Params, config: BackpackConfig, bags: Sequence[Sequence
                          f"{(V, K)} for this model")
     if zero_from is not None and not 0 <= zero_from <= V:
         raise ValueError(f"zero_from={zero_from} is outside [0, {V}]")
-    e_VxD = np.asarray(senses.embedding_VxD(params), np.float32)
-    bags_ZxD = np.stack([e_VxD[sorted({senses.check_token(config, t) for t in b})].sum(0)
+    e_VxD = np.asarray(model.embedding_VxD(params), np.float32)
+    bags_ZxD = np.stack([e_VxD[sorted({model.check_token(config, t) for t in b})].sum(0)
                          for b in bags])
     numer_ZxVxK, max_VxK = _vocabulary_pass(params, config, bags_ZxD, max_logits_VxK is None,
                                             0, V, progress, "topic scores")
@@ -307,7 +342,7 @@ class TopicControl(SenseEdit):
         if self.delta_VxK.shape != (config.vocab_size, config.num_senses):
             raise ValueError(f"delta has shape {self.delta_VxK.shape}, expected "
                              f"{(config.vocab_size, config.num_senses)} for this model")
-        return senses.no_intervention(config).replace(scale_VxK=self.delta_VxK)
+        return interventions.no_intervention(config).replace(scale_VxK=self.delta_VxK)
 
 
 def topic_control(params: Params, config: BackpackConfig, bag_ids: Sequence[int],

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from backpack_jax import attribution, checkpoint, model, senses, topic
+from backpack_jax import attribution, checkpoint, interventions, model, sense_table, senses, topic
 from backpack_jax.config import get_model_config
 
 CONFIG = get_model_config("tiny")
@@ -51,7 +51,7 @@ def test_each_term_is_what_its_alpha_entry_contributes(params):
 
 
 def test_under_a_sense_edit_the_terms_follow_the_edited_senses(params):
-    edit = senses.scale_senses(CONFIG, {IDS[1]: {2: 0.0}})
+    edit = interventions.scale_senses(CONFIG, {IDS[1]: {2: 0.0}})
     a = attribution.attribute(params, CONFIG, IDS, -1, 673, sense_edit=edit)
     assert a.contributions_SxK[1, 2] == 0.0
     logit = float(model.apply(params, np.asarray([IDS]), CONFIG, sense_edit=edit).logits[0, -1,
@@ -62,11 +62,27 @@ def test_under_a_sense_edit_the_terms_follow_the_edited_senses(params):
         attribution.attribute(params, CONFIG, IDS, -1, sense_edit=control)
 
 
+def test_a_sense_table_is_accepted_and_one_wrapping_a_reweighting_edit_is_not(params):
+    """A plain table rewrites senses with the model's own: the terms are those of no edit."""
+    table = sense_table.build(params, CONFIG)
+    plain = attribution.attribute(params, CONFIG, IDS, -1, 673)
+    looked_up = attribution.attribute(params, CONFIG, IDS, -1, 673, sense_edit=table)
+    assert looked_up.logit == pytest.approx(plain.logit, rel=1e-5, abs=1e-5)
+    np.testing.assert_allclose(looked_up.contributions_SxK, plain.contributions_SxK,
+                               rtol=1e-5, atol=1e-6)
+    control = topic.TopicControl.from_weights(np.ones((CONFIG.vocab_size, CONFIG.num_senses)))
+    with pytest.raises(ValueError, match=r"reweights alpha \(SenseTable\)"):
+        attribution.attribute(params, CONFIG, IDS, -1, sense_edit=table.replace(then=control))
+    with pytest.raises(TypeError, match="SenseEdit"):
+        attribution.attribute(params, CONFIG, IDS, -1, sense_edit="not an edit")
+
+
 @pytest.mark.parametrize("kwargs,message", [
     ({"token_ids": [], "position": 0}, "empty"),
     ({"token_ids": IDS, "position": 7}, "outside the text's 7 tokens"),
     ({"token_ids": IDS, "position": -8}, "outside the text's 7 tokens"),
-    ({"token_ids": IDS, "position": 0, "target": CONFIG.vocab_size}, "outside the vocabulary"),
+    ({"token_ids": IDS, "position": 0, "target": CONFIG.vocab_size},
+     r"token id 50264 is outside \[0, vocab_size=50264\)"),
     ({"token_ids": [1, CONFIG.vocab_size], "position": 0}, "outside"),
 ])
 def test_errors(params, kwargs, message):

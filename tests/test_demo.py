@@ -17,7 +17,17 @@ import jax
 import numpy as np
 import pytest
 
-from backpack_jax import attribution, checkpoint, demo, generate, model, sense_table, senses, topic
+from backpack_jax import (
+    attribution,
+    checkpoint,
+    demo,
+    generate,
+    interventions,
+    model,
+    sense_table,
+    senses,
+    topic,
+)
 from backpack_jax.config import get_model_config
 from backpack_jax.tokenizer import get_tokenizer
 
@@ -120,7 +130,7 @@ def test_padding_keeps_the_real_positions(tiny):
     """The demo pads texts to fixed lengths; the model is causal, so alpha is unchanged."""
     root, params, config = tiny
     d = demo.Demo.load(str(root / "ckpt"), topic_cache=str(root / "unused.npy"))
-    assert (d.text_lengths, d.prompt_lengths) == ([16, 64], [16, 32])
+    assert (d.text_lengths, d.prompt_lengths) == ([64], [32])
     ids = d.tokenizer.encode(PROMPT)
     S = len(ids)
     padded = senses.contextualization(params, config, d._padded(ids))[0, :, :S, :S]
@@ -172,10 +182,10 @@ def test_controls_match_the_library(tiny, server, client):
     nurse = senses.word_token_ids("nurse", tokenizer)
     bag, _ = topic.bag_token_ids(topic.TOPICS["sports"], tokenizer)
     edits = {
-        "scale a sense": senses.scale_senses(config, {t: {sense: 0.0} for t in nurse}),
+        "scale a sense": interventions.scale_senses(config, {t: {sense: 0.0} for t in nurse}),
         "topic": topic.topic_control(params, config, bag, 3, max_logits_VxK=max_VxK,
                                      zero_from=tokenizer.eot_id, progress=False),
-        "knowledge edit": senses.knowledge_edit(
+        "knowledge edit": interventions.knowledge_edit(
             params, config, senses.word_token_ids("nurse", tokenizer),
             *(senses.word_token_ids(w, tokenizer)[0] for w in ("said", "cat"))),
     }

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from backpack_jax import checkpoint, generate, model, senses
+from backpack_jax import checkpoint, generate, interventions, model, senses
 from backpack_jax.config import get_model_config
 from backpack_jax.evals import edit as edit_eval
 from backpack_jax.tokenizer import get_tokenizer
@@ -27,7 +27,7 @@ def _pick(params, word_ids):
     """A removed token that every sense of the word promotes, and an added token meeting the
     conditions under which the edit's sign is certain (e_r . e_a below both squared norms)."""
     e_VxD = np.asarray(params["backpack"]["gpt2_model"]["wte"]["embedding"], np.float64)
-    c_WxKxD = np.asarray(senses.sense_vectors(params, CONFIG, word_ids), np.float64)
+    c_WxKxD = np.asarray(model.sense_vectors(params, CONFIG, word_ids), np.float64)
     dots_VxWK = e_VxD[:50257] @ c_WxKxD.reshape(-1, CONFIG.n_embd).T
     remove = int(np.argmax(dots_VxWK.min(axis=1)))
     assert dots_VxWK[remove].min() > 0
@@ -41,16 +41,16 @@ def _pick(params, word_ids):
 
 def test_moved_senses_follow_the_formula(params):
     word, remove, add = [11], 50, 60
-    edited = senses.knowledge_edit(params, CONFIG, word, remove, add)
+    edited = interventions.knowledge_edit(params, CONFIG, word, remove, add)
     e_VxD = np.asarray(params["backpack"]["gpt2_model"]["wte"]["embedding"], np.float64)
     e_r, e_a = e_VxD[remove], e_VxD[add]
-    c_KxD = np.asarray(senses.sense_vectors(params, CONFIG, word)[0], np.float64)
+    c_KxD = np.asarray(model.sense_vectors(params, CONFIG, word)[0], np.float64)
     want_KxD = np.stack([c + (c @ e_r) / (e_r @ e_r) * (e_a * (e_r @ e_r) / (e_a @ e_a) - e_r)
                          for c in c_KxD])
-    got = edited.edit(jnp.asarray([[11, 12]]), senses.sense_vectors(params, CONFIG, [11, 12])[None])
+    got = edited.edit(jnp.asarray([[11, 12]]), model.sense_vectors(params, CONFIG, [11, 12])[None])
     np.testing.assert_allclose(np.asarray(got[0, 0]), want_KxD, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(got[0, 1]),  # other tokens untouched
-                               np.asarray(senses.sense_vectors(params, CONFIG, [12])[0]),
+                               np.asarray(model.sense_vectors(params, CONFIG, [12])[0]),
                                rtol=1e-5, atol=1e-7)
     # The component along e_r is rescaled onto e_a: c'.e_a - c.e_a = (c.e_r)(1 - e_r.e_a/|e_r|^2).
     np.testing.assert_allclose(want_KxD @ e_a - c_KxD @ e_a,
@@ -62,7 +62,7 @@ def test_logit_changes_equal_alpha_weighted_sense_changes(params):
     word_ids = senses.word_token_ids("MacBook", tok)
     remove, add = _pick(params, word_ids)
     text = tok.encode("I bought a MacBook and then the MacBook broke")
-    edit = senses.knowledge_edit(params, CONFIG, word_ids, remove, add)
+    edit = interventions.knowledge_edit(params, CONFIG, word_ids, remove, add)
     check = edit_eval.edit_check(params, CONFIG, text, word_ids, edit, remove, add)
 
     # Independently: alpha does not depend on the senses, so the change of the logits at i is
@@ -71,7 +71,7 @@ def test_logit_changes_equal_alpha_weighted_sense_changes(params):
     alpha_KxSxS = np.asarray(out.contextualization[0], np.float64)
     e_VxD = np.asarray(params["backpack"]["gpt2_model"]["wte"]["embedding"], np.float64)
     e_r, e_a = e_VxD[remove], e_VxD[add]
-    c_SxKxD = np.asarray(senses.sense_vectors(params, CONFIG, text), np.float64)
+    c_SxKxD = np.asarray(model.sense_vectors(params, CONFIG, text), np.float64)
     in_word_S = np.isin(text, word_ids)
     delta_SxKxD = np.where(in_word_S[:, None, None], (c_SxKxD @ e_r / (e_r @ e_r))[..., None]
                            * (e_a * (e_r @ e_r) / (e_a @ e_a) - e_r), 0.0)
@@ -90,7 +90,7 @@ def test_generation_under_the_edit_matches_apply(params):
     tok = get_tokenizer()
     word_ids = senses.word_token_ids("MacBook", tok)
     remove, add = _pick(params, word_ids)
-    edit = senses.knowledge_edit(params, CONFIG, word_ids, remove, add)
+    edit = interventions.knowledge_edit(params, CONFIG, word_ids, remove, add)
     prompt = tok.encode("The MacBook is")
     gen = generate.generate(params, CONFIG, [prompt], 6, sense_edit=edit, return_logits=True)
     full = model.apply(params, jnp.asarray(gen.tokens[:, :-1]), CONFIG, sense_edit=edit).logits
@@ -102,10 +102,10 @@ def test_generation_under_the_edit_matches_apply(params):
 
 def test_errors(params):
     with pytest.raises(ValueError, match="same token"):
-        senses.knowledge_edit(params, CONFIG, [5], 7, 7)
+        interventions.knowledge_edit(params, CONFIG, [5], 7, 7)
     with pytest.raises(ValueError, match="outside"):
-        senses.knowledge_edit(params, CONFIG, [5], CONFIG.vocab_size, 7)
-    edit = senses.knowledge_edit(params, CONFIG, [5], 6, 7)
+        interventions.knowledge_edit(params, CONFIG, [5], CONFIG.vocab_size, 7)
+    edit = interventions.knowledge_edit(params, CONFIG, [5], 6, 7)
     with pytest.raises(ValueError, match="does not contain"):
         edit_eval.edit_check(params, CONFIG, [1, 2, 3], [5], edit, 6, 7)
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from backpack_jax import checkpoint, model, senses
+from backpack_jax import checkpoint, interventions, model, senses
 from backpack_jax.config import get_model_config
 from backpack_jax.evals import gender
 from backpack_jax.tokenizer import get_tokenizer
@@ -66,7 +66,8 @@ def test_bias_ratio_matches_each_prompt_run_alone(params, tok):
     jobs, batch = _batch(tok)
     he, she = gender.one_token_ids(gender.PRONOUNS, tok, "pronouns")
     assert len(set(batch.lengths_B.tolist())) == len(TEMPLATES)  # really right-padded
-    removed = senses.scale_senses(CONFIG, {t: {SENSE: 0.0} for t in jobs.token_ids_J.tolist()})
+    removed = interventions.scale_senses(CONFIG,
+                                         {t: {SENSE: 0.0} for t in jobs.token_ids_J.tolist()})
     got = {name: gender.bias_ratio(params, CONFIG, batch.ids_BxS, batch.lengths_B, [he, she],
                                    edit) for name, edit in (("unmodified", None),
                                                             ("removed", removed))}

@@ -50,7 +50,7 @@ def ckpt(params, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lm(ckpt):
-    # 3 rows per batch: several batches, the last one filled with blank rows.
+    # 3 rows per batch: several batches, the last one shifted back over the one before.
     return harness.BackpackHarnessLM.create_from_arg_string(f"checkpoint={ckpt},batch_size=3")
 
 

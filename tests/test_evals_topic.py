@@ -226,21 +226,21 @@ def test_hugging_face_classifier_directory(tmp_path):
 def test_score_cache_is_written_then_checked(ckpt, tmp_path):
     path, cache, params = ckpt
     new = tmp_path / "new.npy"
-    max_VxK = topic_eval.cached_max_logits(params, CONFIG, new, progress=False)
+    max_VxK = topic.cached_max_logits(params, CONFIG, new, progress=False)
     np.testing.assert_array_equal(np.load(new), max_VxK)
     np.testing.assert_array_equal(np.load(cache), max_VxK)
     assert [p.name for p in tmp_path.iterdir()] == ["new.npy"]  # no temporary left behind
     np.save(new, max_VxK[:, :1])
     with pytest.raises(ValueError, match=r"shape \(50264, 1\); this model needs"):
-        topic_eval.cached_max_logits(params, CONFIG, new)
+        topic.cached_max_logits(params, CONFIG, new)
     other = max_VxK.copy()
     other[-1] += 1.0
     np.save(new, other)
     with pytest.raises(ValueError, match="computed for other weights: token 50263"):
-        topic_eval.cached_max_logits(params, CONFIG, new)
+        topic.cached_max_logits(params, CONFIG, new)
     new.write_text("not numpy")
     with pytest.raises(ValueError, match="not a readable .npy"):
-        topic_eval.cached_max_logits(params, CONFIG, new)
+        topic.cached_max_logits(params, CONFIG, new)
 
 
 def test_topic_probabilities_errors(stub):

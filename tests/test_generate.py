@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from backpack_jax import checkpoint, generate, model, senses
+from backpack_jax import checkpoint, generate, interventions, model
 from backpack_jax.config import get_model_config
 from backpack_jax.tokenizer import get_tokenizer
 from bench.torch_reference import random_reference
@@ -57,9 +57,9 @@ def test_cached_logits_equal_full_forward_on_ragged_batch(params):
 
 
 def test_generation_honours_sense_edit(params):
-    edit = senses.compose(
-        senses.scale_senses(CONFIG, {17: {0: 4.0, 3: -1.0}, 250: {1: 0.0}}),
-        senses.replace_senses(CONFIG, {42: {2: np.linspace(-3, 3, CONFIG.n_embd)}}))
+    edit = interventions.compose(
+        interventions.scale_senses(CONFIG, {17: {0: 4.0, 3: -1.0}, 250: {1: 0.0}}),
+        interventions.replace_senses(CONFIG, {42: {2: np.linspace(-3, 3, CONFIG.n_embd)}}))
     out = generate.generate(params, CONFIG, PROMPTS, N_NEW, return_logits=True, sense_edit=edit)
     plain = generate.generate(params, CONFIG, PROMPTS, N_NEW, return_logits=True)
     assert relative_error(out.logits[:, 0], plain.logits[:, 0]) > 1e-2  # the edit matters

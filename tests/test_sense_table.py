@@ -23,8 +23,10 @@ def params_and_table():
 def test_rows_are_each_tokens_senses(params_and_table):
     params, table = params_and_table
     assert table.senses_VxKxD.shape == (300, CONFIG.num_senses, CONFIG.n_embd)
-    ids = jnp.arange(300, dtype=jnp.int32)[None]
-    want = model.BackpackLM(CONFIG).apply({"params": params}, ids, method="senses")[0]
+    # The senses the full forward pass uses, for the vocabulary as 3 texts of 100 tokens.
+    ids_3x100 = jnp.arange(300, dtype=jnp.int32).reshape(3, 100)
+    senses_3xKx100xD = model.apply(params, ids_3x100, CONFIG, return_senses=True).senses
+    want = np.asarray(senses_3xKx100xD).transpose(0, 2, 1, 3).reshape(300, CONFIG.num_senses, -1)
     np.testing.assert_allclose(table.senses_VxKxD, want, rtol=1e-5, atol=1e-6)
     assert sense_table.nbytes(CONFIG) == 300 * CONFIG.num_senses * CONFIG.n_embd * 4
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from backpack_jax import generate, model, senses, topic
+from backpack_jax import generate, interventions, model, topic
 from backpack_jax.config import get_model_config
 from backpack_jax.tokenizer import get_tokenizer
 from bench import report, topic as bench_topic
@@ -30,7 +30,7 @@ def embedding(params):
 
 def all_senses(params):
     """[V, K, D] sense vectors of the whole (small) vocabulary, in float64."""
-    return np.asarray(senses.sense_vectors(params, SMALL, range(SMALL.vocab_size)), np.float64)
+    return np.asarray(model.sense_vectors(params, SMALL, range(SMALL.vocab_size)), np.float64)
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +143,7 @@ def test_annealed_apply_follows_the_formula(params, control):
 def test_fixed_weights_are_a_sense_intervention(params, control):
     ids = np.array([[5, 17, 300, 17, 9, 101]])
     fixed = control.fixed(SMALL)
-    assert isinstance(fixed, senses.SenseIntervention)
+    assert isinstance(fixed, interventions.SenseIntervention)
     out = model.apply(params, ids, SMALL, sense_edit=fixed, return_contextualization=True,
                       return_senses=True)
     plain = model.apply(params, ids, SMALL, return_contextualization=True, return_senses=True)

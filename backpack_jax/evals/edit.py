@@ -3,7 +3,7 @@
     python -m backpack_jax.evals.edit --checkpoint DIR --word MacBook --remove Apple --add HP \
         --prompt "The MacBook is made by"
 
-`senses.knowledge_edit` moves every sense of the word's tokens off E[remove] and onto E[add].
+`interventions.knowledge_edit` moves every sense of the word's tokens off E[remove] and onto E[add].
 The command checks the edit where it acts, at every position whose context holds the word (the
 logit of the removed word must fall and that of the added word rise there), then prints greedy
 and sampled continuations of the prompt before and after.
@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from backpack_jax import generate, model, senses
+from backpack_jax import generate, interventions, model, senses
 from backpack_jax.config import BackpackConfig
 from backpack_jax.evals import common
 from backpack_jax.model import Params
@@ -62,7 +62,7 @@ class EditCheck:
 
 
 def edit_check(params: Params, config: BackpackConfig, token_ids: Sequence[int],
-               word_ids: Sequence[int], edit: senses.SenseIntervention, remove_id: int,
+               word_ids: Sequence[int], edit: interventions.SenseIntervention, remove_id: int,
                add_id: int) -> EditCheck:
     """Runs `token_ids` with and without `edit` and reads both logits where the word is in
     context."""
@@ -80,7 +80,7 @@ def edit_check(params: Params, config: BackpackConfig, token_ids: Sequence[int],
 
 
 def continuations(params: Params, config: BackpackConfig, prompt_ids: Sequence[int],
-                  edit: senses.SenseIntervention, *, max_new_tokens: int, samples: int,
+                  edit: interventions.SenseIntervention, *, max_new_tokens: int, samples: int,
                   temperature: float, seed: int) -> dict[str, dict[str, list[list[int]]]]:
     """New tokens of the greedy continuation and of `samples` sampled ones, before and after the
     edit; sample i uses the same random key both times, so the two differ by the edit alone."""
@@ -115,7 +115,7 @@ def _body(args: argparse.Namespace) -> dict[str, Any]:
     prompt_ids = tokenizer.encode(args.prompt)
     if not prompt_ids:
         raise ValueError("--prompt is empty")
-    edit = senses.knowledge_edit(params, config, word_ids, remove_id, add_id)
+    edit = interventions.knowledge_edit(params, config, word_ids, remove_id, add_id)
     check = edit_check(params, config, prompt_ids, word_ids, edit, remove_id, add_id)
     table = check.table(args.remove, args.add)
     print(f"word {args.word!r} = tokens {[tokenizer.decode([i]) for i in word_ids]}; "

@@ -43,9 +43,10 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from backpack_jax import atomic, model, senses
+from backpack_jax import atomic, batching, interventions, model, senses
 from backpack_jax.config import BackpackConfig
 from backpack_jax.evals import common
+from backpack_jax.interventions import SenseIntervention
 from backpack_jax.model import Params
 from backpack_jax.tokenizer import get_tokenizer
 
@@ -253,27 +254,22 @@ def _check_rows(config: BackpackConfig, ids_BxS: Any, lengths_B: Any, pronoun_id
 
 
 def pronoun_log_probs(params: Params, config: BackpackConfig, ids_BxS: Any, lengths_B: Any,
-                      pronoun_ids: Sequence[int], edit: senses.SenseIntervention | None = None,
+                      pronoun_ids: Sequence[int], edit: SenseIntervention | None = None,
                       *, batch_size: int = 64) -> np.ndarray:
     """log p(pronoun | prompt) [B, N] of right-padded prompts, `batch_size` rows per device
-    call (a short last batch is padded with copies of row 0, so it compiles once)."""
+    call (`batching.windows`: the last batch is shifted back, so it compiles once)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     ids_BxS, lengths_B, pronoun_ids = _check_rows(config, ids_BxS, lengths_B, pronoun_ids)
-    B = ids_BxS.shape[0]
-    rows = min(batch_size, B)
-    pad = -B % rows
-    ids_BxS = np.concatenate([ids_BxS, np.repeat(ids_BxS[:1], pad, axis=0)])
-    lengths_B = np.concatenate([lengths_B, np.repeat(lengths_B[:1], pad)])
-    out = [np.asarray(_last_log_probs_jit(params, jnp.asarray(ids_BxS[i:i + rows]),
-                                          jnp.asarray(lengths_B[i:i + rows]),
-                                          jnp.asarray(pronoun_ids), edit, config=config))
-           for i in range(0, len(ids_BxS), rows)]
-    return np.concatenate(out)[:B].astype(np.float64)
+    out = [np.asarray(_last_log_probs_jit(params, jnp.asarray(ids_BxS[w.start:w.stop]),
+                                          jnp.asarray(lengths_B[w.start:w.stop]),
+                                          jnp.asarray(pronoun_ids), edit, config=config))[w.fresh]
+           for w in batching.windows(ids_BxS.shape[0], batch_size)]
+    return np.concatenate(out).astype(np.float64)
 
 
 def bias_ratio(params: Params, config: BackpackConfig, ids_BxS: Any, lengths_B: Any,
-               pronoun_ids: Sequence[int], edit: senses.SenseIntervention | None = None, *,
+               pronoun_ids: Sequence[int], edit: SenseIntervention | None = None, *,
                batch_size: int = 64) -> np.ndarray:
     """max(p(a|x) / p(b|x), p(b|x) / p(a|x)) [B] for the two pronoun tokens (a, b), in log
     space: exp(|log p(a|x) - log p(b|x)|)."""
@@ -307,7 +303,7 @@ def fit_objective(params: Params, config: BackpackConfig, batch: PromptBatch, to
                   batch_size: int = 64) -> float:
     """Mean bias of `batch`'s rows with sense `sense` of `token` scaled by `scale`, plus
     penalty * |1 - scale|."""
-    edit = senses.scale_senses(config, {token: {sense: float(scale)}})
+    edit = interventions.scale_senses(config, {token: {sense: float(scale)}})
     ratios_B = bias_ratio(params, config, batch.ids_BxS, batch.lengths_B, pronoun_ids, edit,
                           batch_size=batch_size)
     return float(ratios_B.mean()) + penalty * abs(1.0 - float(scale))
@@ -321,7 +317,7 @@ def fit_scales(params: Params, config: BackpackConfig, batch: PromptBatch,
     common.require("scipy", "fitting the sense scales (Nelder-Mead)")
     from scipy import optimize
 
-    sense = senses.check_sense(config, sense)
+    sense = model.check_sense(config, sense)
     Q = batch.num_templates
     scales, objectives, at_one, evaluations = [], [], [], []
     for j, token in enumerate(tqdm(professions.token_ids_J.tolist(), desc="fitting scales",
@@ -346,7 +342,7 @@ def fit_scales(params: Params, config: BackpackConfig, batch: PromptBatch,
 
 @functools.partial(jax.jit, static_argnames="config")
 def _curve_log_probs(params, ids_1xS, pronoun_ids, token, sense, weights_Y, *, config):
-    base = senses.no_intervention(config)
+    base = interventions.no_intervention(config)
     lengths_1 = jnp.full((1,), ids_1xS.shape[1], jnp.int32)
 
     def at(weight):
@@ -361,7 +357,7 @@ def sense_weight_curve(params: Params, config: BackpackConfig, prompt_ids: Seque
                        ) -> np.ndarray:
     """p(pronoun | prompt) [Y, 2] with sense `sense` of `token` weighted by each of `weights_Y`,
     all weights in one device call."""
-    sense = senses.check_sense(config, sense)
+    sense = model.check_sense(config, sense)
     ids_1xS, _, pronoun_ids = _check_rows(config, [prompt_ids], [len(prompt_ids)], pronoun_ids)
     model.validate_token_ids(np.asarray([[token]]), config, "token")
     if token not in ids_1xS[0]:
@@ -443,7 +439,7 @@ def evaluate(params: Params, config: BackpackConfig, tokenizer: Any, *,
              progress: bool = True) -> GenderBias:
     """The three settings on the evaluation prompts, the fit on the fitting prompts, and the
     Figure 3 curve."""
-    sense = senses.check_sense(config, sense)
+    sense = model.check_sense(config, sense)
     if len(pronouns) != 2:
         raise ValueError(f"give two pronouns to compare, got {list(pronouns)}")
     if curve_points < 2:
@@ -464,8 +460,8 @@ def evaluate(params: Params, config: BackpackConfig, tokenizer: Any, *,
                      batch_size=batch_size, progress=progress)
     tokens = jobs.token_ids_J.tolist()
     edits = {"unmodified": None,
-             "removed": senses.scale_senses(config, {t: {sense: 0.0} for t in tokens}),
-             "fitted": senses.scale_senses(config, {t: {sense: s} for t, s in
+             "removed": interventions.scale_senses(config, {t: {sense: 0.0} for t in tokens}),
+             "fitted": interventions.scale_senses(config, {t: {sense: s} for t, s in
                                                     zip(tokens, fit.scales_J, strict=True)})}
     J, Q = len(tokens), batch.num_templates
     ratios = {name: bias_ratio(params, config, batch.ids_BxS, batch.lengths_B, pronoun_ids, e,

@@ -17,7 +17,7 @@ Values in model_args win over lm-eval's --batch_size, which it always passes (de
 Every log-likelihood request becomes a token sequence of at most max_length + 1 tokens whose
 last n tokens are scored: a context and continuation (the context truncated from the left when
 too long), or one window of a document (`rolling_windows`). `score` runs them in batches of
-equal-length-ish rows, longest first, padded on the right to a few bucketed lengths so that
+equal-length-ish rows, longest first, padded on the right to `batching.bucket` widths so that
 only a handful of shapes compile; each batch is one jitted call that returns only the sums.
 """
 
@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from backpack_jax import generate, model
+from backpack_jax import batching, generate, model
 from backpack_jax.config import BackpackConfig
 from backpack_jax.evals import common
 from backpack_jax.model import Params
@@ -55,16 +55,9 @@ except common.MissingExtraError as e:
 
 MODEL_NAME = "backpack-jax"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-MIN_BUCKET = 16
 
 # A sequence of token ids and how many of its last tokens are scored (each from the ones before).
 Scored = tuple[list[int], int]
-
-
-def bucket_length(n: int, limit: int) -> int:
-    """The padded length of a batch whose longest input has `n` tokens: the next power of two
-    (at least MIN_BUCKET), at most `limit`, so few shapes compile."""
-    return min(max(MIN_BUCKET, 1 << (n - 1).bit_length()), limit)
 
 
 def rolling_windows(ids: Sequence[int], max_length: int, prefix_id: int) -> list[Scored]:
@@ -102,8 +95,9 @@ def score(params: Params, config: BackpackConfig, sequences: Sequence[Scored], *
           desc: str = "scoring", disable_tqdm: bool = False) -> list[tuple[float, bool]]:
     """(sum of log-probabilities, all greedy) of the scored tokens of each sequence.
 
-    Sequences run longest first in batches of `batch_size` rows (the last batch filled with
-    blank rows, so every call has the same batch size), right-padded to `bucket_length`.
+    Sequences run longest first in batches of `batch_size` rows (`batching.windows`: the last
+    batch is shifted back, so every call has the same batch size), right-padded to
+    `batching.bucket` widths.
     """
     max_length = max_length or config.n_positions
     for i, (ids, n) in enumerate(sequences):
@@ -116,14 +110,13 @@ def score(params: Params, config: BackpackConfig, sequences: Sequence[Scored], *
     if not sequences:
         return []
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i][0]))
-    rows = min(batch_size, len(sequences))
     results: list[tuple[float, bool]] = [(0.0, True)] * len(sequences)
     with tqdm(total=len(sequences), desc=desc, unit="seq", disable=disable_tqdm) as bar:
-        for first in range(0, len(order), rows):
-            batch = order[first:first + rows]
-            width = bucket_length(len(sequences[batch[0]][0]) - 1, max_length) + 1
-            ids_BxS = np.full((rows, width), config.eos_token_id, np.int32)
-            scored_BxS = np.zeros((rows, width), bool)
+        for w in batching.windows(len(order), batch_size):
+            batch = order[w.start:w.stop]
+            width = batching.bucket(len(sequences[batch[0]][0]) - 1, max_length) + 1
+            ids_BxS = np.full((len(batch), width), config.eos_token_id, np.int32)
+            scored_BxS = np.zeros((len(batch), width), bool)
             for b, i in enumerate(batch):
                 ids, n = sequences[i]
                 ids_BxS[b, :len(ids)] = ids
@@ -131,9 +124,9 @@ def score(params: Params, config: BackpackConfig, sequences: Sequence[Scored], *
             logprob_B, greedy_B = map(np.asarray, _score_batch(
                 params, jnp.asarray(ids_BxS), jnp.asarray(scored_BxS), config=config,
                 dtype=dtype))
-            for b, i in enumerate(batch):
-                results[i] = (float(logprob_B[b]), bool(greedy_B[b]))
-            bar.update(len(batch))
+            for b in range(w.new, len(batch)):
+                results[batch[b]] = (float(logprob_B[b]), bool(greedy_B[b]))
+            bar.update(len(batch) - w.new)
     return results
 
 
@@ -272,8 +265,8 @@ class BackpackHarnessLM(lm_model.LM):
         """Continues each context until a stop string, <|endoftext|> or max_gen_toks tokens.
 
         Requests with the same generation arguments run together, longest context first, in
-        batches left-padded to `bucket_length` through the cached `generate.generate`, so few
-        prompt widths compile; a context longer than
+        batches (`batching.windows`) left-padded to `batching.bucket` widths through the cached
+        `generate.generate`, so few shapes compile; a context longer than
         max_length - max_gen_toks loses tokens on the left. The stop strings are cut from the
         decoded text (decoding stops early only once every row has emitted <|endoftext|>).
         """
@@ -291,23 +284,23 @@ class BackpackHarnessLM(lm_model.LM):
                 prompts = {i: (self.tokenizer.encode(args[i][0]) or [self.eot_id])[-room:]
                            for i in indices}
                 indices = sorted(indices, key=lambda i: -len(prompts[i]))
-                for first in range(0, len(indices), self.batch_size):
-                    batch = indices[first:first + self.batch_size]
+                for w in batching.windows(len(indices), self.batch_size):
+                    batch = indices[w.start:w.stop]
                     rng = jax.random.fold_in(jax.random.PRNGKey(self.seed), calls)
-                    width = bucket_length(len(prompts[batch[0]]), room)
+                    width = batching.bucket(len(prompts[batch[0]]), room)
                     out = generate.generate(self.params, self.config,
                                             [prompts[i] for i in batch], max_gen_toks,
                                             eos_id=self.eot_id, dtype=self.dtype, pad_to=width,
                                             rng=rng if sampling["temperature"] else None,
                                             **sampling)
                     calls += 1
-                    for i, row in zip(batch, out.new_tokens.tolist(), strict=True):
+                    for i, row in list(zip(batch, out.new_tokens.tolist(), strict=True))[w.fresh]:
                         row = row[:row.index(self.eot_id)] if self.eot_id in row else row
                         text = self.tokenizer.decode([t for t in row
                                                       if t < self.tokenizer.n_vocab])
                         results[i] = _stop_at(text, until)
                         self.cache_hook.add_partial("generate_until", args[i], results[i])
-                    bar.update(len(batch))
+                    bar.update(len(batch) - w.new)
         return results
 
 

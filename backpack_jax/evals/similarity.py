@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from backpack_jax import atomic, model, senses
+from backpack_jax import atomic, batching, model, senses
 from backpack_jax.config import BackpackConfig
 from backpack_jax.evals import common
 from backpack_jax.model import Params
@@ -223,8 +223,8 @@ def _unit(x: jax.Array) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("config",))
 def _word_batch(params: Params, ids_BxU: jax.Array, count_B: jax.Array, *,
                 config: BackpackConfig) -> dict[str, tuple[jax.Array, jax.Array]]:
-    senses_BxUxKxD = senses.senses_BxSxKxD(params, ids_BxU, config=config)
-    embedding_BxUxD = senses.embedding_VxD(params)[ids_BxU]
+    senses_BxUxKxD = model.sense_network(params, ids_BxU, config)
+    embedding_BxUxD = model.embedding_VxD(params)[ids_BxU]
     keep_BxU = jnp.arange(ids_BxU.shape[1]) < count_B[:, None]
 
     def mean(x_BxUx_):
@@ -240,31 +240,29 @@ def word_vectors(params: Params, config: BackpackConfig, word_ids: Sequence[Sequ
                  batch_size: int = 256, progress: bool = True) -> WordVectors:
     """Sense and embedding vectors of each word (given as its token ids), normalised to length
     1, of its first token and averaged over its tokens. Words are padded to the longest one and
-    run `batch_size` at a time through the sense network, one compiled call per batch."""
+    run `batch_size` at a time through the sense network (`batching.windows`), one compiled
+    call per batch."""
     if batch_size < 1:
         raise ValueError(f"the batch size must be >= 1, got {batch_size}")
     if not word_ids or any(len(ids) == 0 for ids in word_ids):
         raise ValueError("every word needs at least one token id")
     W, U = len(word_ids), max(len(ids) for ids in word_ids)
-    B = min(batch_size, W)
-    batches = -(-W // B)
-    ids_WxU = np.zeros((batches * B, U), np.int32)  # padding rows and columns: token 0
-    count_W = np.ones(batches * B, np.int32)
+    ids_WxU = np.zeros((W, U), np.int32)  # padding columns: token 0, masked by the count
+    count_W = np.asarray([len(ids) for ids in word_ids], np.int32)
     for w, ids in enumerate(word_ids):
         ids_WxU[w, :len(ids)] = ids
-        count_W[w] = len(ids)
     model.validate_token_ids(ids_WxU, config, what="word token ids")
     out: dict[str, list[tuple[jax.Array, jax.Array]]] = {r: [] for r in REPRESENTATIONS}
     with tqdm(total=W, desc="word vectors", unit="word", disable=not progress) as bar:
-        for start in range(0, batches * B, B):
-            got = _word_batch(params, jnp.asarray(ids_WxU[start:start + B]),
-                              jnp.asarray(count_W[start:start + B]), config=config)
+        for win in batching.windows(W, batch_size):
+            got = _word_batch(params, jnp.asarray(ids_WxU[win.start:win.stop]),
+                              jnp.asarray(count_W[win.start:win.stop]), config=config)
             for r in REPRESENTATIONS:
-                out[r].append(got[r])
-            bar.update(min(B, W - start))
+                out[r].append(tuple(x[win.fresh] for x in got[r]))
+            bar.update(win.stop - win.start - win.new)
     return WordVectors(
-        {r: jnp.concatenate([s for s, _ in out[r]])[:W] for r in REPRESENTATIONS},
-        {r: jnp.concatenate([e for _, e in out[r]])[:W] for r in REPRESENTATIONS})
+        {r: jnp.concatenate([s for s, _ in out[r]]) for r in REPRESENTATIONS},
+        {r: jnp.concatenate([e for _, e in out[r]]) for r in REPRESENTATIONS})
 
 
 @jax.jit

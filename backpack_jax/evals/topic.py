@@ -19,9 +19,9 @@ topic: its samples are drawn once and scored for each topic. Metrics per topic a
 
 The table averages over the topics; the JSON has every topic. Scoring the V*K sense vectors is
 the cost before any sampling (3.1e13 multiply-adds for backpack-gpt2): `--score_cache` keeps its
-topic-independent part, `topic.sense_max_logits`, in a .npy file for the next run.
+topic-independent part, `topic.sense_max_logits`, in a .npy file for the next run
+(`topic.cached_max_logits`).
 
-- `cached_max_logits(params, config, path)`: the denominators, loaded if valid, else computed.
 - `load_classifier(spec)`, `topic_probabilities(classifier, texts, topics)`.
 - `sample(...)`, `toks_in_vocab(...)`, `semantic_success(...)`.
 """
@@ -51,49 +51,8 @@ PAPER = {0: (0.074, 0.000, 0.92), 1: (0.121, 0.002, 0.91), 2: (0.243, 0.015, 0.9
          3: (0.353, 0.035, 0.83)}
 ROW_NAMES = {0: "unchanged", 1: "+1", 2: "+2", 3: "+3"}
 SUCCESS_THRESHOLD = 0.5
-# Rows of the cached table that are recomputed to check that it belongs to these weights.
-CACHE_CHECK_ROWS = 3
 
 Classifier = Callable[[list[str]], Any]
-
-
-# ------------------------------------------------------------------------------ score cache
-
-def cached_max_logits(params: Params, config: BackpackConfig, path: str | os.PathLike | None,
-                      *, progress: bool = True) -> np.ndarray:
-    """`topic.sense_max_logits` of the whole vocabulary: read from `path` when it holds them for
-    these weights, else computed (and written to `path`, atomically, when given).
-
-    A cached table must have this model's shape [V, K], be finite, and agree with a few rows
-    recomputed from the parameters, so that a table from other weights is caught.
-    """
-    V, K = config.vocab_size, config.num_senses
-    if path is None or not os.path.exists(path):
-        max_VxK = topic.sense_max_logits(params, config, progress=progress)
-        if path is not None:
-            with common.atomic_path(path) as tmp:
-                np.save(tmp, max_VxK)
-            print(f"wrote the sense max logits to {path}")
-        return max_VxK
-    try:
-        max_VxK = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"score cache {path} is not a readable .npy file: {e}") from None
-    if max_VxK.shape != (V, K) or max_VxK.dtype != np.float32:
-        raise ValueError(f"score cache {path} holds a {max_VxK.dtype} array of shape "
-                         f"{max_VxK.shape}; this model needs float32 {(V, K)} (vocab_size, "
-                         "num_senses): delete it or name another file")
-    if not np.isfinite(max_VxK).all():
-        raise ValueError(f"score cache {path} holds non-finite values")
-    for v in np.linspace(0, V - 1, CACHE_CHECK_ROWS).astype(int):
-        row_K = topic.sense_max_logits(params, config, start=int(v), stop=int(v) + 1,
-                                       progress=False)[0]
-        if not np.allclose(row_K, max_VxK[v], rtol=1e-3, atol=1e-5):
-            raise ValueError(f"score cache {path} was computed for other weights: token {v} "
-                             f"has {max_VxK[v].tolist()}, these weights give {row_K.tolist()}; "
-                             "delete it or name another file")
-    print(f"read the sense max logits from {path}")
-    return max_VxK
 
 
 # ------------------------------------------------------------------------------- classifier
@@ -238,7 +197,7 @@ def _body(args: argparse.Namespace) -> dict[str, Any]:
             print(f"{name}: skipped {skipped}, not one token with a leading space")
     scores_ZxVxK = None
     if any(s > 0 for s in strengths):
-        max_VxK = cached_max_logits(params, config, args.score_cache)
+        max_VxK = topic.cached_max_logits(params, config, args.score_cache)
         # As the authors' code: <|endoftext|> and the padding rows after it score 0.
         scores_ZxVxK = topic.topic_scores(params, config, [bags[t]["token_ids"] for t in topics],
                                           max_logits_VxK=max_VxK, zero_from=start_id)
@@ -275,7 +234,7 @@ def _body(args: argparse.Namespace) -> dict[str, Any]:
                 "toks_in_vocab": toks_in_vocab(tokens[k], bags[name]["token_ids"]),
                 "semantic_success": semantic_success(probs[k][:, column]) if probs else None}
     if args.samples_out:
-        with common.atomic_path(args.samples_out) as tmp, open(tmp, "w") as f:
+        with atomic.atomic_path(args.samples_out) as tmp, open(tmp, "w") as f:
             for (name, s), rows in tokens.items():
                 for text, row in zip(texts[name, s], rows, strict=True):
                     f.write(json.dumps({"topic": name, "strength": s, "text": text,

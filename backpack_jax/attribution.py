@@ -21,12 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from backpack_jax import atomic, model
+from backpack_jax import atomic, checkpoint, cli, model
 from backpack_jax.config import BackpackConfig
 from backpack_jax.edits import check_edit
-from backpack_jax.evals import common
 from backpack_jax.model import Params
-from backpack_jax.tokenizer import get_tokenizer
+from backpack_jax.tokenizer import get_tokenizer, single_token
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +38,14 @@ class Attribution:
     target: int
     logit: float  # the model's own logit (from model.apply)
     contributions_SxK: np.ndarray  # float64
+
+
+def check_position(position: int, S: int) -> int:
+    """`position` of a text of S tokens as an index in [0, S) (negative counts from the end)."""
+    if not -S <= position < S:
+        raise ValueError(f"position {position} is outside the text's {S} tokens "
+                         f"(valid: {-S}..{S - 1})")
+    return position % S
 
 
 def attribute(params: Params, config: BackpackConfig, token_ids: Sequence[int], position: int,
@@ -57,10 +64,7 @@ def attribute(params: Params, config: BackpackConfig, token_ids: Sequence[int], 
         raise ValueError("token_ids is empty")
     ids_1xS = np.asarray([ids], np.int32)
     model.validate_token_ids(ids_1xS, config, "token_ids")
-    S = len(ids)
-    if not -S <= position < S:
-        raise ValueError(f"position {position} is outside the text's {S} tokens")
-    i = position % S
+    i = check_position(position, len(ids))
     if target is not None:
         target = model.check_token(config, target)
     out = model.apply(params, ids_1xS, config, return_contextualization=True,
@@ -89,7 +93,7 @@ def top_terms(attribution: Attribution, top: int) -> list[tuple[int, int, float]
 def format_attribution(attribution: Attribution, tokenizer: Any, top: int = 10) -> str:
     """The logit, how much of it the top terms explain, and those terms with words and senses."""
     a = attribution
-    table = common.Table(
+    table = cli.Table(
         f"logit of {_show(tokenizer, a.target)} after position {a.position} "
         f"({_show(tokenizer, a.token_ids[-1])}): {a.logit:.4f} = sum of "
         f"{a.contributions_SxK.size} terms (sum {a.contributions_SxK.sum():.4f})",
@@ -117,9 +121,9 @@ def plot_attribution(attribution: Attribution, labels: Sequence[str], path: str)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    p = common.parser("python -m backpack_jax.attribution",
-                      "Which context words and senses make a Backpack's prediction: the exact "
-                      "terms of one logit.")
+    p = cli.parser("backpack_jax.attribution",
+                   "Which context words and senses make a Backpack's prediction: the exact terms "
+                   "of one logit.")
     p.add_argument("--text", required=True, help="the context")
     p.add_argument("--position", type=int, default=-1,
                    help="the predicting position (token index; negative counts from the end)")
@@ -131,15 +135,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     def body(args: argparse.Namespace) -> dict[str, Any]:
         if args.top < 1:
             raise ValueError(f"--top must be >= 1, got {args.top}")
-        params, config = common.load(args.checkpoint)
+        params, config = checkpoint.load(args.checkpoint)
         tokenizer = get_tokenizer()
         ids = tokenizer.encode(args.text)
-        target = None
-        if args.target is not None:
-            target_ids = tokenizer.encode(args.target)
-            if len(target_ids) != 1:
-                raise ValueError(f"--target {args.target!r} is {len(target_ids)} tokens, not one")
-            target = target_ids[0]
+        target = (None if args.target is None else
+                  single_token(args.target, tokenizer, "--target", leading_space=False))
         a = attribute(params, config, ids, args.position, target)
         print(format_attribution(a, tokenizer, args.top))
         if args.plot:
@@ -150,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "top": [{"position": j, "sense": k, "contribution": v}
                         for j, k, v in top_terms(a, args.top)]}
 
-    return common.run(p, argv, body)
+    return cli.run(p, argv, body)
 
 
 if __name__ == "__main__":

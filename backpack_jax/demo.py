@@ -25,13 +25,21 @@ from typing import Any
 import jax
 import numpy as np
 
-from backpack_jax import attribution, batching, generate, interventions, sense_table, senses, topic
+from backpack_jax import (
+    attribution,
+    batching,
+    checkpoint,
+    cli,
+    generate,
+    interventions,
+    sense_table,
+    senses,
+    topic,
+)
 from backpack_jax.config import BackpackConfig
-from backpack_jax.evals import common
 from backpack_jax.model import Params, check_sense
-from backpack_jax.tokenizer import get_tokenizer
+from backpack_jax.tokenizer import get_tokenizer, single_token, word_ids
 
-EXTRA_HINT = "pip install 'backpack-jax[demo]'"
 TOP_WORDS = 8  # words per sense and direction in the sense table
 TOP_TERMS = 10  # attribution terms listed
 MAX_NEW_TOKENS = 48  # every generation runs with this cache length and stops at the asked count
@@ -77,18 +85,11 @@ class Demo:
              with_table: bool = True) -> Demo:
         """The demo of a checkpoint; `with_table` builds the sense table (`sense_table.nbytes`
         of memory) for faster generation."""
-        params, config = common.load(checkpoint_path)
+        params, config = checkpoint.load(checkpoint_path)
         table = sense_table.build(params, config) if with_table else None
         return cls(params, config, topic_cache or _default_cache(checkpoint_path), table)
 
     # ------------------------------------------------------------------------------ inputs
-
-    def _one_token(self, word: str, what: str) -> int:
-        ids = senses.word_token_ids(word, self.tokenizer)
-        if len(ids) != 1:
-            pieces = [self.tokenizer.decode([i]) for i in ids]
-            raise ValueError(f"{what} {word!r} is {len(ids)} tokens {pieces}; it must be one")
-        return ids[0]
 
     def _text_ids(self, text: str) -> list[int]:
         ids = self.tokenizer.encode(text)
@@ -119,7 +120,7 @@ class Demo:
         ws = senses.word_senses(self.params, self.config, word, self.tokenizer, subword=subword)
         p = senses.project_senses(self.params, ws.senses_KxD, top=top,
                                   vocab_limit=self.tokenizer.n_vocab)
-        return [list(row) for row in senses.sense_rows(p, self.tokenizer)]
+        return senses.sense_rows(p, self.tokenizer)
 
     # ------------------------------------------------------------------- contextualization
 
@@ -141,12 +142,10 @@ class Demo:
         """The terms of the logit of `target` (one token; default the model's top token) at
         `position` (negative counts from the end)."""
         ids = self._text_ids(text)
-        if not -len(ids) <= position < len(ids):
-            raise ValueError(f"position {position} is outside the text's {len(ids)} tokens "
-                             f"(valid: {-len(ids)}..{len(ids) - 1})")
-        target_id = self._one_token(target, "the target") if target.strip() else None
-        return attribution.attribute(self.params, self.config, self._padded(ids),
-                                     position % len(ids), target_id)
+        i = attribution.check_position(position, len(ids))  # Within the text, not the padding.
+        target_id = (single_token(target, self.tokenizer, "the target") if target.strip()
+                     else None)
+        return attribution.attribute(self.params, self.config, self._padded(ids), i, target_id)
 
     def attribution_plot(self, a: attribution.Attribution) -> str:
         path = os.path.join(self.plots, "attribution.png")
@@ -163,7 +162,7 @@ class Demo:
     def scale_edit(self, word: str, sense: int, factor: float
                    ) -> interventions.SenseIntervention:
         """Sense `sense` of every token of `word` multiplied by `factor`."""
-        ids = senses.word_token_ids(word, self.tokenizer)
+        ids = word_ids(word, self.tokenizer)
         return interventions.scale_senses(self.config,
                                           {t: {int(sense): float(factor)} for t in ids})
 
@@ -186,10 +185,10 @@ class Demo:
             topic.sense_weights(self._topic_scores[name], int(strength)))
 
     def knowledge(self, word: str, remove: str, add: str) -> interventions.SenseIntervention:
-        return interventions.knowledge_edit(self.params, self.config,
-                                            senses.word_token_ids(word, self.tokenizer),
-                                            self._one_token(remove, "the word to remove"),
-                                            self._one_token(add, "the word to add"))
+        return interventions.knowledge_edit(
+            self.params, self.config, word_ids(word, self.tokenizer),
+            single_token(remove, self.tokenizer, "the word to remove"),
+            single_token(add, self.tokenizer, "the word to add"))
 
     def prompt_ids(self, prompt: str, max_new_tokens: int) -> list[int]:
         if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
@@ -270,11 +269,7 @@ class Demo:
 # -------------------------------------------------------------------------------- the app
 
 def _import_gradio() -> Any:
-    try:
-        import gradio
-    except ImportError:
-        raise SystemExit(f"the demo needs Gradio, which is not installed: {EXTRA_HINT}") from None
-    return gradio
+    return cli.require("gradio", "the demo", extra="demo")
 
 
 def build_app(demo: Demo) -> Any:
@@ -390,12 +385,9 @@ def build_app(demo: Demo) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m backpack_jax.demo",
-                                description="See and steer a Backpack in the browser.")
-    p.add_argument("--checkpoint", required=True,
-                   help="converted model dir, training workdir or step, or Hugging Face dir")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=7860)
+    p = cli.parser("backpack_jax.demo", "See and steer a Backpack in the browser.", json=False)
+    p.add_argument("--host", default="127.0.0.1", help="the address to serve on")
+    p.add_argument("--port", type=int, default=7860, help="the port to serve on")
     p.add_argument("--topic_cache", metavar="PATH.npy",
                    help="where the topic control's sense max logits are kept (default: "
                         "~/.cache/backpack_jax/demo/<hash of the checkpoint path>/)")
@@ -404,16 +396,16 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "senses (saves vocab x senses x n_embd floats of memory, decodes slower)")
     p.add_argument("--compile_cache", metavar="DIR", default=COMPILE_CACHE,
                    help="keep XLA's compiled code here so that later starts skip most of the "
-                        "compiling ('' turns it off; default: %(default)s)")
-    args = p.parse_args(argv)
+                        "compiling ('' turns it off)")
+    cli.run(p, argv, _serve)
+
+
+def _serve(args: argparse.Namespace) -> None:
     _import_gradio()
     if args.compile_cache:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(args.compile_cache))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    try:
-        demo = Demo.load(args.checkpoint, args.topic_cache, with_table=not args.no_sense_table)
-    except (FileNotFoundError, ValueError) as e:
-        p.error(str(e))
+    demo = Demo.load(args.checkpoint, args.topic_cache, with_table=not args.no_sense_table)
     print("compiling every control's shapes ...", flush=True)
     demo.warm_up()
     app = build_app(demo).queue()

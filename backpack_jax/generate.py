@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from backpack_jax import checkpoint, model
+from backpack_jax import checkpoint, cli, model
 from backpack_jax.config import BackpackConfig
 from backpack_jax.edits import SenseEdit, check_edit
 from backpack_jax.model import BackpackLM, DecodeCache, Params
@@ -355,41 +355,33 @@ class TextStream:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m backpack_jax.generate",
-        description="Sample from a Backpack LM checkpoint, streaming tokens to stdout.")
-    parser.add_argument("--checkpoint", required=True,
-                        help="converted model dir, training workdir or step, or HF dir")
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--max_new_tokens", type=int, default=50)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top_k", type=int, default=50, help="0 = off")
-    parser.add_argument("--top_p", type=float, default=0.95, help="1 = off")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num_samples", type=int, default=1)
-    parser.add_argument("--ignore_eos", action="store_true",
-                        help="keep going after <|endoftext|>")
-    args = parser.parse_args(argv)
-    if args.num_samples < 1:
-        parser.error(f"--num_samples must be >= 1, got {args.num_samples}")
+    p = cli.parser("backpack_jax.generate",
+                   "Sample from a Backpack LM checkpoint, streaming tokens to stdout.", json=False)
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max_new_tokens", type=int, default=50, help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top_k", type=int, default=50, help="0 = off")
+    p.add_argument("--top_p", type=float, default=0.95, help="1 = off")
+    p.add_argument("--seed", type=int, default=0, help="sample i uses fold_in(PRNGKey(seed), i)")
+    p.add_argument("--num_samples", type=int, default=1, help="continuations to print")
+    p.add_argument("--ignore_eos", action="store_true", help="keep going after <|endoftext|>")
+    cli.run(p, argv, _sample)
 
-    try:
-        params, config = checkpoint.load(args.checkpoint)
-    except (FileNotFoundError, ValueError) as e:
-        parser.error(str(e))
+
+def _sample(args: argparse.Namespace) -> None:
+    if args.num_samples < 1:
+        raise ValueError(f"--num_samples must be >= 1, got {args.num_samples}")
+    params, config = checkpoint.load(args.checkpoint)
     tokenizer = get_tokenizer()
     prompt = tokenizer.encode(args.prompt)
     if not prompt:
-        parser.error("--prompt is empty after tokenization")
+        raise ValueError("--prompt is empty after tokenization")
     # The flags' "off" values (top_k 0, top_p 1) are the API's; anything else it validates.
     options = dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
                    eos_id=None if args.ignore_eos else tokenizer.eot_id)
     for i in range(args.num_samples):
-        try:
-            steps = stream(params, config, [prompt], args.max_new_tokens,
-                           rng=jax.random.fold_in(jax.random.PRNGKey(args.seed), i), **options)
-        except ValueError as e:
-            parser.error(str(e))
+        steps = stream(params, config, [prompt], args.max_new_tokens,
+                       rng=jax.random.fold_in(jax.random.PRNGKey(args.seed), i), **options)
         if args.num_samples > 1:
             print(f"\n===== sample {i} =====", flush=True)
         text = TextStream(tokenizer)

@@ -25,10 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from backpack_jax import atomic, checkpoint, model
+from backpack_jax import atomic, checkpoint, cli, model
 from backpack_jax.config import BackpackConfig
 from backpack_jax.model import Params
-from backpack_jax.tokenizer import get_tokenizer
+from backpack_jax.tokenizer import get_tokenizer, word_ids
 
 SUBWORD_CHOICES = ("first", "mean")
 
@@ -43,16 +43,6 @@ class WordSenses:
     senses_KxD: jax.Array  # of the single token, or of the chosen subword rule
 
 
-def word_token_ids(word: str, tokenizer: Any, *, leading_space: bool = True) -> list[int]:
-    """Tokens of `word` as it appears inside a sentence: GPT-2 words carry their leading space
-    (" nurse" is one token, "nurse" is "n" + "urse"), so one is added unless asked not to."""
-    if not word.strip():
-        raise ValueError("the word is empty")
-    if leading_space and not word[0].isspace():
-        word = " " + word
-    return tokenizer.encode(word)
-
-
 def word_senses(params: Params, config: BackpackConfig, word: str, tokenizer: Any, *,
                 subword: str | None = None, leading_space: bool = True) -> WordSenses:
     """The sense vectors [K, D] of `word`.
@@ -63,7 +53,7 @@ def word_senses(params: Params, config: BackpackConfig, word: str, tokenizer: An
     """
     if subword is not None and subword not in SUBWORD_CHOICES:
         raise ValueError(f"subword must be one of {SUBWORD_CHOICES} or None, got {subword!r}")
-    ids = word_token_ids(word, tokenizer, leading_space=leading_space)
+    ids = word_ids(word, tokenizer, leading_space)
     pieces = [tokenizer.decode([i]) for i in ids]
     if len(ids) > 1 and subword is None:
         raise ValueError(
@@ -111,20 +101,19 @@ def show_token(tokenizer: Any, token: int) -> str:
     return text.strip() or repr(text)
 
 
-def sense_rows(projection: SenseProjection, tokenizer: Any, senses: Sequence[int] | None = None
-               ) -> list[tuple[str, str, str]]:
+def sense_rows(projection: SenseProjection, tokenizer: Any,
+               senses: Sequence[int] | None = None) -> list[list[str]]:
     """One row per sense: its index, the words it promotes most, and those it suppresses most."""
     K = projection.promoted_ids_KxW.shape[0]
-    return [(str(k),
-             ", ".join(show_token(tokenizer, t) for t in projection.promoted_ids_KxW[k]),
-             ", ".join(show_token(tokenizer, t) for t in projection.suppressed_ids_KxW[k]))
+    return [[str(k), ", ".join(show_token(tokenizer, t) for t in projection.promoted_ids_KxW[k]),
+             ", ".join(show_token(tokenizer, t) for t in projection.suppressed_ids_KxW[k])]
             for k in (range(K) if senses is None else senses)]
 
 
 def format_sense_table(projection: SenseProjection, tokenizer: Any,
                        senses: Sequence[int] | None = None) -> str:
-    """`sense_rows` as an aligned text table under a header."""
-    rows = [("sense", "promotes (highest E @ sense first)", "suppresses (lowest first)"),
+    """`sense_rows` as a text table under a header."""
+    rows = [["sense", "promotes (highest E @ sense first)", "suppresses (lowest first)"],
             *sense_rows(projection, tokenizer, senses)]
     widths = [max(len(r[c]) for r in rows) for c in range(2)]
     lines = [f"{r[0]:>{widths[0]}} | {r[1]:<{widths[1]}} | {r[2]}" for r in rows]
@@ -193,33 +182,29 @@ def _parse_senses(text: str, config: BackpackConfig) -> list[int]:
     return [model.check_sense(config, s) for s in senses]
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m backpack_jax.senses",
-        description="Inspect a Backpack's sense vectors and contextualization weights.")
-    parser.add_argument("--checkpoint", required=True,
-                        help="converted model dir, training workdir or step, or HF dir")
-    parser.add_argument("--word", help="print what each of this word's senses promotes")
-    parser.add_argument("--top", type=int, default=10, help="words per sense and direction")
-    parser.add_argument("--subword", choices=SUBWORD_CHOICES,
-                        help="for a word of several tokens: use the first token's senses or "
-                             "their mean")
-    parser.add_argument("--no_leading_space", action="store_true",
-                        help="tokenize the word as given instead of as ' word'")
-    parser.add_argument("--text", help="text whose contextualization weights to plot")
-    parser.add_argument("--plot", help="PNG path for the heatmaps of --text")
-    parser.add_argument("--senses", help="comma-separated sense indices (default: all)")
-    args = parser.parse_args(argv)
-    if not args.word and not args.text:
-        parser.error("give --word (sense table) and/or --text with --plot (heatmaps)")
-    if args.text and not args.plot:
-        parser.error("--text needs --plot PATH.png to write the heatmaps to")
+def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
+    p = cli.parser("backpack_jax.senses",
+                   "Inspect a Backpack's sense vectors and contextualization weights.")
+    p.add_argument("--word", help="print what each of this word's senses promotes")
+    p.add_argument("--top", type=int, default=10, help="words per sense and direction")
+    p.add_argument("--subword", choices=SUBWORD_CHOICES,
+                   help="for a word of several tokens: use the first token's senses or their mean")
+    p.add_argument("--no_leading_space", action="store_true",
+                   help="tokenize the word as given instead of as ' word'")
+    p.add_argument("--text", help="text whose contextualization weights to plot")
+    p.add_argument("--plot", help="PNG path for the heatmaps of --text")
+    p.add_argument("--senses", help="comma-separated sense indices (default: all)")
 
-    try:
+    def body(args: argparse.Namespace) -> dict[str, Any]:
+        if not args.word and not args.text:
+            p.error("give --word (sense table) and/or --text with --plot (heatmaps)")
+        if args.text and not args.plot:
+            p.error("--text needs --plot PATH.png to write the heatmaps to")
         params, config = checkpoint.load(args.checkpoint)
         tokenizer = get_tokenizer()
         senses = (list(range(config.num_senses)) if args.senses is None
                   else _parse_senses(args.senses, config))
+        result: dict[str, Any] = {"senses": senses}
         if args.word:
             word = word_senses(params, config, args.word, tokenizer, subword=args.subword,
                                leading_space=not args.no_leading_space)
@@ -228,6 +213,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             projection = project_senses(params, word.senses_KxD, top=args.top,
                                         vocab_limit=tokenizer.n_vocab)
             print(format_sense_table(projection, tokenizer, senses))
+            result["word"] = {"text": word.word, "token_ids": word.token_ids, "rows": {
+                int(k): {"promotes": projection.promoted_ids_KxW[k].tolist(),
+                         "suppresses": projection.suppressed_ids_KxW[k].tolist()}
+                for k in senses}}
         if args.text:
             ids = tokenizer.encode(args.text)
             if not ids:
@@ -236,8 +225,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             plot_contextualization(alpha, [tokenizer.decode([i]) for i in ids], senses,
                                    args.plot)
             print(f"wrote contextualization heatmaps of senses {senses} to {args.plot}")
-    except (ValueError, FileNotFoundError) as e:
-        parser.error(str(e))
+        return result
+
+    return cli.run(p, argv, body)
 
 
 if __name__ == "__main__":

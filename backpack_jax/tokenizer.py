@@ -136,3 +136,25 @@ class Tokenizer:
 def get_tokenizer() -> Tokenizer:
     """The process-wide GPT-2 tokenizer (built once: the BPE files are read and checked once)."""
     return Tokenizer()
+
+
+def word_ids(word: str, tokenizer: Tokenizer, leading_space: bool = True) -> list[int]:
+    """Tokens of `word` as it appears inside a sentence: GPT-2 words carry their leading space
+    (" nurse" is one token, "nurse" is "n" + "urse"), so one is added unless asked not to."""
+    if not word.strip():
+        raise ValueError("the word is empty")
+    if leading_space and not word[0].isspace():
+        word = " " + word
+    return tokenizer.encode(word)
+
+
+def single_token(word: str, tokenizer: Tokenizer, what: str = "the word",
+                 leading_space: bool = True) -> int:
+    """The one token of `word` (`word_ids`), for the places that need a vocabulary entry (a
+    target, a bag of words, a pronoun); otherwise a ValueError that shows the tokens."""
+    ids = word_ids(word, tokenizer, leading_space)
+    if len(ids) != 1:
+        pieces = ", ".join(repr(tokenizer.decode([i])) for i in ids)
+        raise ValueError(f"{tokenizer.decode(ids)!r} is {len(ids)} tokens ({pieces}); {what} "
+                         "must be one token")
+    return ids[0]

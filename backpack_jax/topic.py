@@ -47,11 +47,12 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from backpack_jax import atomic, batching, interventions, model, senses
+from backpack_jax import atomic, batching, interventions, model
 from backpack_jax.config import BackpackConfig
 from backpack_jax.edits import ReweightInputs, SenseEdit
 from backpack_jax.interventions import SenseIntervention
 from backpack_jax.model import Params
+from backpack_jax.tokenizer import single_token
 
 # Table 10: each topic's bag of words, in the paper's (and the classifier's array) order.
 TOPICS: dict[str, tuple[str, ...]] = {
@@ -86,16 +87,15 @@ SCORE_ROWS = 2048
 CACHE_CHECK_ROWS = 3  # rows of a cached `sense_max_logits` recomputed to check its weights
 
 
-def bag_token_ids(words: Sequence[str], tokenizer: Any) -> tuple[list[int], list[str]]:
-    """The token ids of " word" for each word that is one token, and the words that are not
-    (skipped: a bag of words is a set of vocabulary entries, and " diaries" is " di" + "aries")."""
-    ids, skipped = [], []
+def bag_token_ids(words: Sequence[str], tokenizer: Any) -> tuple[list[int], dict[str, str]]:
+    """The token ids of " word" for each word that is one token, and why each other word was
+    skipped (a bag of words is a set of vocabulary entries, and " diaries" is " di" + "aries")."""
+    ids, skipped = [], {}
     for word in words:
-        tokens = senses.word_token_ids(word, tokenizer)
-        if len(tokens) == 1:
-            ids.append(tokens[0])
-        else:
-            skipped.append(word)
+        try:
+            ids.append(single_token(word, tokenizer, "a word of a topic's bag"))
+        except ValueError as e:
+            skipped[word] = str(e)
     if not ids:
         raise ValueError(f"no word of the bag {list(words)} is a single token with its leading "
                          "space, so the bag is empty")

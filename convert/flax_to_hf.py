@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import sys
 
-from backpack_jax import checkpoint, model
+from backpack_jax import checkpoint, cli, model
 from convert.export import HUB_CODE_REPO, save_hf
 
 
@@ -22,26 +21,23 @@ def _is_training_run(src: pathlib.Path) -> bool:
     return bool(checkpoint.step_dirs(src)) or (src.parent.parent / "train_config.json").is_file()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m convert.flax_to_hf", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("src", help="converted model dir, training workdir, step dir or HF dir")
-    parser.add_argument("out", help="new directory for the Hugging Face export")
-    parser.add_argument("--hub-code", action="store_true",
-                        help=f"point auto_map at the authors' code on the Hub ({HUB_CODE_REPO}) "
-                             f"instead of copying ours in (loading then needs the network)")
-    args = parser.parse_args(argv)
-    try:
-        params, config = checkpoint.load(args.src)
-        src = pathlib.Path(args.src).expanduser().absolute()
-        save_hf(params, config, args.out, hub_code=args.hub_code,
-                trained_in=src if _is_training_run(src) else None)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:  # ConversionError too
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+def main(argv: list[str] | None = None) -> None:
+    p = cli.parser("convert.flax_to_hf", __doc__, checkpoint=False, json=False)
+    p.add_argument("src", help=cli.CHECKPOINT_HELP)
+    p.add_argument("out", help="new directory for the Hugging Face export")
+    p.add_argument("--hub-code", action="store_true",
+                   help=f"point auto_map at the authors' code on the Hub ({HUB_CODE_REPO}) "
+                        f"instead of copying ours in (loading then needs the network)")
+    cli.run(p, argv, _convert)
+
+
+def _convert(args: argparse.Namespace) -> None:
+    params, config = checkpoint.load(args.src)  # A ConversionError is a ValueError: one line.
+    src = pathlib.Path(args.src).expanduser().absolute()
+    save_hf(params, config, args.out, hub_code=args.hub_code,
+            trained_in=src if _is_training_run(src) else None)
     print(f"wrote {args.out}: {model.count_params(params):,} parameters")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

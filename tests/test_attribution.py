@@ -109,4 +109,5 @@ def test_command(params, tmp_path, capsys):
         attribution.main(["--checkpoint", str(tmp_path / "ckpt"), "--text", "The nurse",
                           "--target", " nurse practitioner"])
     assert e.value.code == 2
-    assert "is 2 tokens, not one" in capsys.readouterr().err
+    assert capsys.readouterr().err == ("error: ' nurse practitioner' is 2 tokens (' nurse', "
+                                       "' practitioner'); --target must be one token\n")

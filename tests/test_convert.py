@@ -137,8 +137,8 @@ def test_write_hf_refuses_to_overwrite(tmp_path):
 
 def test_clis_round_trip_bit_exact(tensors, tmp_path, capsys):
     write_hf_checkpoint(tmp_path / "src", tensors, CONFIG, "bin_aliases")
-    assert hf_to_flax.main([str(tmp_path / "src"), str(tmp_path / "flax")]) == 0
-    assert flax_to_hf.main([str(tmp_path / "flax"), str(tmp_path / "hf")]) == 0
+    hf_to_flax.main([str(tmp_path / "src"), str(tmp_path / "flax")])
+    flax_to_hf.main([str(tmp_path / "flax"), str(tmp_path / "hf")])
     assert "parameters" in capsys.readouterr().out
     original, _ = load_hf(tmp_path / "src")
     assert_trees_equal(checkpoint.load(tmp_path / "flax")[0], original)
@@ -147,10 +147,12 @@ def test_clis_round_trip_bit_exact(tensors, tmp_path, capsys):
 
 def test_cli_reports_errors(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    assert hf_to_flax.main([str(tmp_path / "empty"), str(tmp_path / "out")]) == 1
-    assert "error:" in capsys.readouterr().err
-    assert flax_to_hf.main([str(tmp_path / "missing"), str(tmp_path / "out")]) == 1
-    assert "does not exist" in capsys.readouterr().err
+    for main, src in ((hf_to_flax.main, "empty"), (flax_to_hf.main, "missing")):
+        with pytest.raises(SystemExit) as e:
+            main([str(tmp_path / src), str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert "does not exist" in err
 
 
 def test_checkpoint_of_another_shape_is_one_error_naming_the_parameters(tmp_path, capsys):
@@ -160,7 +162,9 @@ def test_checkpoint_of_another_shape_is_one_error_naming_the_parameters(tmp_path
     with pytest.raises(ValueError, match=r"does not hold the model its config.json describes "
                                          r"\(\d+ parameter\(s\) differ\): backpack/"):
         checkpoint.load(tmp_path / "flax")
-    assert flax_to_hf.main([str(tmp_path / "flax"), str(tmp_path / "hf")]) == 1
+    with pytest.raises(SystemExit) as e:
+        flax_to_hf.main([str(tmp_path / "flax"), str(tmp_path / "hf")])
+    assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "the config needs" in err
 

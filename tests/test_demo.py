@@ -29,9 +29,9 @@ from backpack_jax import (
     topic,
 )
 from backpack_jax.config import get_model_config
-from backpack_jax.tokenizer import get_tokenizer
+from backpack_jax.tokenizer import get_tokenizer, word_ids
 
-gradio_client = pytest.importorskip("gradio_client", reason=demo.EXTRA_HINT)
+gradio_client = pytest.importorskip("gradio_client", reason="pip install 'backpack-jax[demo]'")
 AppError = gradio_client.exceptions.AppError
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -179,15 +179,15 @@ def test_controls_match_the_library(tiny, server, client):
     ids = tokenizer.encode(PROMPT)
     table = sense_table.build(params, config)
     sense = min(demo.PAPER_SENSE, config.num_senses - 1)
-    nurse = senses.word_token_ids("nurse", tokenizer)
+    nurse = word_ids("nurse", tokenizer)
     bag, _ = topic.bag_token_ids(topic.TOPICS["sports"], tokenizer)
     edits = {
         "scale a sense": interventions.scale_senses(config, {t: {sense: 0.0} for t in nurse}),
         "topic": topic.topic_control(params, config, bag, 3, max_logits_VxK=max_VxK,
                                      zero_from=tokenizer.eot_id, progress=False),
         "knowledge edit": interventions.knowledge_edit(
-            params, config, senses.word_token_ids("nurse", tokenizer),
-            *(senses.word_token_ids(w, tokenizer)[0] for w in ("said", "cat"))),
+            params, config, word_ids("nurse", tokenizer),
+            *(word_ids(w, tokenizer)[0] for w in ("said", "cat"))),
     }
     for temperature, seed in ((0.0, 0), (0.8, 3)):
         plain = _generated(params, config, ids, 12, None, table, temperature, seed)
@@ -208,7 +208,7 @@ def test_controls_match_the_library(tiny, server, client):
     ("/attribute", (" a" * 200, -1, ""), "n_positions=80"),
     ("/attribute", (PROMPT, 7, ""), "position 7 is outside"),
     ("/steer", (PROMPT, 5, "knowledge edit", "nurse", 0, 0.0, "sports", 1, "nurse",
-                "xyzzyplugh", "cat", 0, 0), "it must be one"),
+                "xyzzyplugh", "cat", 0, 0), "the word to remove must be one token"),
 ])
 def test_bad_input_is_a_message_and_the_server_keeps_serving(client, endpoint, args, message):
     with pytest.raises(AppError, match=message):
@@ -223,7 +223,7 @@ def test_in_a_browser(server, tiny, tmp_path):
     if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
         pytest.fail(f"this test needs headless Chromium at {CHROMIUM} and {CHROMEDRIVER}: "
                     "apt-get install -y chromium chromium-driver (.ci/run does)")
-    webdriver = pytest.importorskip("selenium.webdriver", reason=demo.EXTRA_HINT)
+    webdriver = pytest.importorskip("selenium.webdriver", reason="pip install 'backpack-jax[demo]'")
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 

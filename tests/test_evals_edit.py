@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from backpack_jax import checkpoint, generate, interventions, model, senses
+from backpack_jax import checkpoint, generate, interventions, model
 from backpack_jax.config import get_model_config
 from backpack_jax.evals import edit as edit_eval
-from backpack_jax.tokenizer import get_tokenizer
+from backpack_jax.tokenizer import get_tokenizer, word_ids
 
 CONFIG = get_model_config("tiny")
 
@@ -59,11 +59,11 @@ def test_moved_senses_follow_the_formula(params):
 
 def test_logit_changes_equal_alpha_weighted_sense_changes(params):
     tok = get_tokenizer()
-    word_ids = senses.word_token_ids("MacBook", tok)
-    remove, add = _pick(params, word_ids)
+    ids_U = word_ids("MacBook", tok)
+    remove, add = _pick(params, ids_U)
     text = tok.encode("I bought a MacBook and then the MacBook broke")
-    edit = interventions.knowledge_edit(params, CONFIG, word_ids, remove, add)
-    check = edit_eval.edit_check(params, CONFIG, text, word_ids, edit, remove, add)
+    edit = interventions.knowledge_edit(params, CONFIG, ids_U, remove, add)
+    check = edit_eval.edit_check(params, CONFIG, text, ids_U, edit, remove, add)
 
     # Independently: alpha does not depend on the senses, so the change of the logits at i is
     # sum_j sum_l alpha[l, i, j] (C'_jl - C_jl) . e over the word's positions j.
@@ -72,7 +72,7 @@ def test_logit_changes_equal_alpha_weighted_sense_changes(params):
     e_VxD = np.asarray(params["backpack"]["gpt2_model"]["wte"]["embedding"], np.float64)
     e_r, e_a = e_VxD[remove], e_VxD[add]
     c_SxKxD = np.asarray(model.sense_vectors(params, CONFIG, text), np.float64)
-    in_word_S = np.isin(text, word_ids)
+    in_word_S = np.isin(text, ids_U)
     delta_SxKxD = np.where(in_word_S[:, None, None], (c_SxKxD @ e_r / (e_r @ e_r))[..., None]
                            * (e_a * (e_r @ e_r) / (e_a @ e_a) - e_r), 0.0)
     change_SxD = np.einsum("kij,jkd->id", alpha_KxSxS, delta_SxKxD)
@@ -88,9 +88,9 @@ def test_logit_changes_equal_alpha_weighted_sense_changes(params):
 
 def test_generation_under_the_edit_matches_apply(params):
     tok = get_tokenizer()
-    word_ids = senses.word_token_ids("MacBook", tok)
-    remove, add = _pick(params, word_ids)
-    edit = interventions.knowledge_edit(params, CONFIG, word_ids, remove, add)
+    ids_U = word_ids("MacBook", tok)
+    remove, add = _pick(params, ids_U)
+    edit = interventions.knowledge_edit(params, CONFIG, ids_U, remove, add)
     prompt = tok.encode("The MacBook is")
     gen = generate.generate(params, CONFIG, [prompt], 6, sense_edit=edit, return_logits=True)
     full = model.apply(params, jnp.asarray(gen.tokens[:, :-1]), CONFIG, sense_edit=edit).logits
@@ -121,4 +121,5 @@ def test_command(params, tmp_path, capsys):
     assert len(result["continuations"]["after"]["sampled"]) == 1
     with pytest.raises(SystemExit):
         edit_eval.main(["--checkpoint", str(tmp_path / "ckpt"), "--remove", "MacBookPro"])
-    assert "must be one token" in capsys.readouterr().err
+    assert capsys.readouterr().err == ("error: ' MacBookPro' is 2 tokens (' MacBook', 'Pro'); "
+                                       "--remove must be one token\n")

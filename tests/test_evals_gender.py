@@ -12,10 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from backpack_jax import checkpoint, interventions, model, senses
+from backpack_jax import checkpoint, interventions, model
 from backpack_jax.config import get_model_config
 from backpack_jax.evals import gender
-from backpack_jax.tokenizer import get_tokenizer
+from backpack_jax.tokenizer import get_tokenizer, single_token
 
 CONFIG = get_model_config("tiny")  # 4 senses
 SENSE = 1
@@ -114,7 +114,7 @@ def test_fitted_scale_lowers_the_objective_with_its_penalty(params, tok):
 
 def test_curve_matches_independent_softmax(params, tok):
     ids = tok.encode(gender.CURVE_PROMPT)
-    nurse = senses.word_token_ids("nurse", tok)[0]
+    nurse = single_token("nurse", tok)
     pronouns = gender.one_token_ids(gender.PRONOUNS, tok, "pronouns")
     weights = [1.0, 0.7, 0.0]
     got = gender.sense_weight_curve(params, CONFIG, ids, nurse, SENSE, pronouns, weights)
@@ -133,8 +133,9 @@ def test_default_sense_10_on_sixteen_senses(tok):
                              fit_prompts=gender.builtin_prompts(TEMPLATES[2:], "test"),
                              penalty=0.005, curve_points=3, progress=False)
     assert result.sense == 10 and result.professions.words == ["nurse"]
-    assert result.professions.skipped == {"carpenter": [" car", "penter"]}
-    nurse = senses.word_token_ids("nurse", tok)[0]
+    assert result.professions.skipped == {
+        "carpenter": "' carpenter' is 2 tokens (' car', 'penter'); a profession must be one token"}
+    nurse = single_token("nurse", tok)
     for setting, scale in (("unmodified", 1.0), ("removed", 0.0),
                            ("fitted", result.fit.scales_J[0])):
         want = [_bias(_probs(params, config, tok.encode(t.replace("PROFESSION", "nurse")), nurse,
@@ -183,7 +184,8 @@ def test_input_errors(params, tok, tmp_path):
                               gender.split_professions(["nurse", "mechanic"], tok), tok, CONFIG)
     with pytest.raises(ValueError, match="none of the professions"):
         gender.split_professions(["carpenter", "librarian"], tok)
-    with pytest.raises(ValueError, match="'hairdresser' is 4 tokens"):
+    with pytest.raises(ValueError, match=r"' hairdresser' is 4 tokens \(.*\); --pronouns must be "
+                                         r"one token"):
         gender.one_token_ids(["he", "hairdresser"], tok, "--pronouns")
     with pytest.raises(ValueError, match="'nurse' is listed twice"):
         gender.read_words("nurse,mechanic,nurse", "--professions")
@@ -211,7 +213,8 @@ def test_command_writes_the_json(ckpt, tmp_path, tok, params, capsys):
                  "nurse,carpenter,mechanic", "--fit_prompts", str(fit), "--curve_points", "3",
                  "--json", str(out)])
     printed = capsys.readouterr().out
-    assert "skipped (not one GPT-2 token with a leading space): carpenter" in printed
+    assert ("skipped ' carpenter' is 2 tokens (' car', 'penter'); a profession must be one "
+            "token") in printed
     assert "paper" not in printed  # a tiny model is not backpack-gpt2
     data = json.loads(out.read_text())
     assert data["professions"] == ["nurse", "mechanic"] and "carpenter" in data["skipped"]
@@ -230,8 +233,9 @@ def test_command_error_is_one_line(ckpt, capsys):
     with pytest.raises(SystemExit) as e:
         gender.main(["--checkpoint", str(ckpt), "--professions", "nurse"])  # sense 10 of 4
     assert e.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "sense index 10 is out of range" in err
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "sense index 10 is out of range" in err
 
 
 @pytest.mark.slow

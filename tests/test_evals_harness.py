@@ -260,7 +260,7 @@ def test_missing_lm_eval_is_one_line(tmp_path):
             "runpy.run_module('backpack_jax.evals.harness', run_name='__main__')")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(tmp_path),
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith("error: the lm-evaluation-harness model") and line.endswith(
         "pip install 'backpack-jax[eval]'"), line
@@ -283,7 +283,6 @@ def test_command_line_wrapper(params, ckpt, tmp_path):
     proc = subprocess.run(command + ["--model_args", f"checkpoint={tmp_path / 'nothing'}"],
                           cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True,
                           timeout=600)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == (
-        "python -m backpack_jax.evals.harness: error: checkpoint path "
-        f"{tmp_path / 'nothing'} does not exist")
+        f"error: checkpoint path {tmp_path / 'nothing'} does not exist")

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from backpack_jax import checkpoint, model
+from backpack_jax import checkpoint, cli, model
 from backpack_jax.config import get_model_config
-from backpack_jax.evals import common, similarity
+from backpack_jax.evals import similarity
 from backpack_jax.tokenizer import get_tokenizer
 
 CONFIG = get_model_config("tiny")
@@ -278,7 +278,7 @@ def test_command_writes_the_table(ckpt, files, result, tmp_path, capsys):
 
 def test_command_prints_the_paper_for_backpack_gpt2(ckpt, files, tmp_path, capsys,
                                                     monkeypatch):
-    monkeypatch.setattr(common, "is_backpack_gpt2", lambda config: True)
+    monkeypatch.setattr(cli, "is_backpack_gpt2", lambda config: True)
     out = tmp_path / "sim.json"
     similarity.main(["--checkpoint", str(ckpt), "--data", str(files["rg65"]),
                      "--json", str(out)])

@@ -178,7 +178,7 @@ def test_array_classifier_and_fixed_weights(ckpt, stub, tmp_path):
 
 
 def test_without_a_classifier_semantic_success_is_na(ckpt, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(topic_eval.common, "is_backpack_gpt2", lambda config: True)
+    monkeypatch.setattr(topic_eval.cli, "is_backpack_gpt2", lambda config: True)
     result, _ = run(ckpt, tmp_path, "--strengths", "0,2")
     rows = result["table"]["rows"]
     assert rows["unchanged"]["semantic success"] is None

@@ -1,6 +1,8 @@
 """Sense reading, projection and contextualization, checked against direct computations from
 the parameters; plus the CLI and its errors."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -114,13 +116,23 @@ def test_contextualization_is_causal_and_drives_the_logits(params):
                                expected, rtol=1e-4, atol=1e-4)
 
 
-def test_cli_prints_one_row_per_sense(tiny_checkpoint, capsys):
-    senses.main(["--checkpoint", tiny_checkpoint, "--word", "nurse", "--top", "3"])
+def test_cli_prints_one_row_per_sense(tiny_checkpoint, tmp_path, capsys):
+    path = tmp_path / "senses.json"
+    senses.main(["--checkpoint", tiny_checkpoint, "--word", "nurse", "--top", "3",
+                 "--json", str(path)])
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == f"'nurse' = tokens [' nurse'] {get_tokenizer().encode(' nurse')}"
-    rows = [line for line in out[3:] if "|" in line]
+    tokenizer = get_tokenizer()
+    assert out[0] == f"'nurse' = tokens [' nurse'] {tokenizer.encode(' nurse')}"
+    rows = [line for line in out[3:-1] if "|" in line]
     assert [r.split("|")[0].strip() for r in rows] == ["0", "1", "2", "3"]
     assert all(len(r.split("|")[1].split(",")) == 3 for r in rows)
+    # --json holds the token ids of the words printed.
+    written = json.loads(path.read_text())
+    assert written["checkpoint"] == tiny_checkpoint and out[-1] == f"wrote {path}"
+    for row, (k, ids) in zip(rows, written["word"]["rows"].items(), strict=True):
+        assert row.split("|")[0].strip() == k
+        assert row.split("|")[1].strip() == ", ".join(
+            senses.show_token(tokenizer, t) for t in ids["promotes"])
 
 
 def test_cli_plots_chosen_senses(tiny_checkpoint, tmp_path, capsys):

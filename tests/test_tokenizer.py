@@ -102,3 +102,22 @@ def test_file_with_wrong_hash_is_refused(monkeypatch):
     monkeypatch.setitem(tokenizer_lib._SHA256, "vocab.bpe", "0" * 64)
     with pytest.raises(RuntimeError, match="vocab.bpe has sha256 1ce16647"):
         Tokenizer()
+
+
+def test_word_ids_are_the_word_inside_a_sentence(tok):
+    assert tokenizer_lib.word_ids("nurse", tok) == tok.encode(" nurse") == [15849]
+    assert tokenizer_lib.word_ids("nurse", tok, leading_space=False) == tok.encode("nurse")
+    assert tokenizer_lib.word_ids(" nurse", tok) == [15849]  # a given space is kept, not doubled
+    with pytest.raises(ValueError, match="the word is empty"):
+        tokenizer_lib.word_ids("  ", tok)
+
+
+def test_single_token_is_the_one_check_with_one_message(tok):
+    assert tokenizer_lib.single_token("nurse", tok) == 15849
+    assert tokenizer_lib.single_token(" she", tok, "--target", leading_space=False) == 673
+    with pytest.raises(ValueError) as e:
+        tokenizer_lib.single_token("diaries", tok, "a word of a topic's bag")
+    assert str(e.value) == ("' diaries' is 2 tokens (' di', 'aries'); a word of a topic's bag "
+                            "must be one token")
+    with pytest.raises(ValueError, match=r"^'nurse' is 2 tokens \('n', 'urse'\); the word must"):
+        tokenizer_lib.single_token("nurse", tok, leading_space=False)

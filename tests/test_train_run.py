@@ -270,18 +270,19 @@ def test_bad_override_stops_before_any_work(tmp_path, capsys, override, message)
     with pytest.raises(SystemExit) as e:
         main(["--config=tiny", override, f"--workdir={tmp_path / 'w'}"])
     assert e.value.code == 2
-    error, usage = capsys.readouterr().err.splitlines()
+    usage, error = capsys.readouterr().err.splitlines()
     assert error.startswith(message) and usage.startswith("usage: python -m train.run")
     assert not (tmp_path / "w").exists()
 
 
-def _one_line_error(entry_point, argv):
-    """The message an entry point exits with, checked to be one `error: ...` line."""
+def _one_line_error(entry_point, argv, capsys):
+    """The message of a user's mistake, checked to be one `error: ...` line and exit status 2."""
     with pytest.raises(SystemExit) as e:
         entry_point(argv)
-    message = str(e.value.code)
-    assert message.startswith("error: ") and "\n" not in message, message
-    return message
+    message = capsys.readouterr().err
+    assert e.value.code == 2 and message.startswith("error: ") and message.count("\n") == 1, (
+        message)
+    return message.rstrip("\n")
 
 
 def test_missing_openwebtext_is_one_line_and_writes_nothing(tmp_path):
@@ -290,33 +291,33 @@ def test_missing_openwebtext_is_one_line_and_writes_nothing(tmp_path):
          f"--config.data_dir={tmp_path}", f"--workdir={tmp_path / 'w'}"],
         cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
         timeout=300)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.splitlines()[-1].startswith(
         f"error: no prepared dataset 'openwebtext' in {tmp_path}; available: none."), proc.stderr
     assert not (tmp_path / "w").exists()
 
 
-def test_bad_init_from_is_one_line(tmp_path):
+def test_bad_init_from_is_one_line(tmp_path, capsys):
     args = ARGS + [f"--workdir={tmp_path / 'w'}"]
-    message = _one_line_error(main, args + [f"--init_from={tmp_path / 'nothing'}"])
+    message = _one_line_error(main, args + [f"--init_from={tmp_path / 'nothing'}"], capsys)
     assert message == f"error: checkpoint path {tmp_path / 'nothing'} does not exist"
-    message = _one_line_error(main, args + [f"--init_from={OLD_WORKDIR}"])
+    message = _one_line_error(main, args + [f"--init_from={OLD_WORKDIR}"], capsys)
     assert message.startswith(f"error: --init_from={OLD_WORKDIR}: its architecture differs")
     assert "'n_embd': (4, 32)" in message
     assert not (tmp_path / "w").exists()
 
 
-def test_eval_errors_are_one_line(tmp_path):
+def test_eval_errors_are_one_line(tmp_path, capsys):
     from train import eval as train_eval
-    message = _one_line_error(train_eval.main, ["--checkpoint", str(tmp_path / "nothing")])
+    message = _one_line_error(train_eval.main, ["--checkpoint", str(tmp_path / "nothing")], capsys)
     assert message == f"error: checkpoint path {tmp_path / 'nothing'} does not exist"
     message = _one_line_error(train_eval.main, ["--checkpoint", str(OLD_WORKDIR), "--data",
-                                                "nothing", "--data_dir", str(tmp_path)])
+                                                "nothing", "--data_dir", str(tmp_path)], capsys)
     assert message.startswith(f"error: no prepared dataset 'nothing' in {tmp_path}")
     # A config.json that does not describe the saved parameters.
     mismatch = tmp_path / "mismatch"
     shutil.copytree(OLD_WORKDIR, mismatch)
     config = json.loads((mismatch / hf.CONFIG_FILE).read_text())
     (mismatch / hf.CONFIG_FILE).write_text(json.dumps({**config, "n_embd": 16}))
-    message = _one_line_error(train_eval.main, ["--checkpoint", str(mismatch)])
+    message = _one_line_error(train_eval.main, ["--checkpoint", str(mismatch)], capsys)
     assert "does not hold the model its config.json describes" in message, message

@@ -30,6 +30,7 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
+from backpack_jax import cli
 from backpack_jax.tokenizer import get_tokenizer
 from train import text_dataset
 from train.default_corpus import ensure_default_corpus
@@ -261,11 +262,11 @@ def _inspect(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m train.data", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser("train.data", __doc__, checkpoint=False, json=False)
     commands = parser.add_subparsers(dest="command", required=True)
     prepare = commands.add_parser(
-        "prepare", help="tokenize a directory of .txt/.jsonl/.xz files into a TFDS dataset",
+        "prepare", formatter_class=cli.HelpFormatter,
+        help="tokenize a directory of .txt/.jsonl/.xz files into a TFDS dataset",
         description="Tokenize every .txt (one document per file), .jsonl (a `text` field per line) "
                     "and .xz (a tar of .txt files, or one xz-compressed text) under --source. "
                     "Unreadable or non-UTF-8 documents are skipped, logged and counted.")
@@ -273,25 +274,24 @@ def main(argv: list[str] | None = None) -> None:
     prepare.add_argument("--name", required=True, help="dataset name, [a-z][a-z0-9_]*")
     prepare.add_argument("--heldout_fraction", type=float,
                          default=text_dataset.DEFAULT_HELDOUT_FRACTION,
-                         help="fraction of documents in the `heldout` split (default: %(default)s)")
+                         help="fraction of documents in the `heldout` split")
     prepare.add_argument("--seed", type=int, default=0, help="seed of the held-out choice")
     prepare.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                         help="tokenizing processes (default: %(default)s)")
-    inspect = commands.add_parser("inspect", help="print sizes and a decoded sample batch")
+                         help="tokenizing processes")
+    inspect = commands.add_parser("inspect", formatter_class=cli.HelpFormatter,
+                                  help="print sizes and a decoded sample batch")
     inspect.add_argument("name", help=f"dataset name; {DEFAULT_NAME!r} = the embedded corpus")
-    inspect.add_argument("--seq_len", type=int, default=512)
-    inspect.add_argument("--batch_size", type=int, default=4)
+    inspect.add_argument("--seq_len", type=int, default=512, help="tokens per window")
+    inspect.add_argument("--batch_size", type=int, default=4, help="rows of the sample batch")
     inspect.add_argument("--show_tokens", type=int, default=64, help="tokens to decode per row")
     for command in (prepare, inspect):
         command.add_argument("--data_dir", default=None,
                              help=f"TFDS data directory (default: ${DATA_DIR_ENV} or "
                                   f"{DEFAULT_DATA_DIR})")
-    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        {"prepare": _prepare, "inspect": _inspect}[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:  # bad input, not a bug
-        parser.exit(2, f"error: {error}\n")
+    prepare.set_defaults(body=_prepare)
+    inspect.set_defaults(body=_inspect)
+    cli.run(parser, argv, lambda args: args.body(args))
 
 
 if __name__ == "__main__":

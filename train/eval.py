@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
-import pathlib
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -22,8 +20,7 @@ import jax
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from backpack_jax import atomic, checkpoint, model
-from backpack_jax.evals import common
+from backpack_jax import checkpoint, cli, model
 from train import data, sharding
 from train.step import Batch, global_batch, make_eval_step, make_model
 
@@ -56,47 +53,32 @@ def heldout_loss(eval_step: Callable[[model.Params, Batch], jax.Array], params: 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Runs the command; returns what --json writes."""
-    parser = argparse.ArgumentParser(prog="python -m train.eval", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True,
-                        help="training workdir or step, converted model, or Hugging Face dir")
-    parser.add_argument("--data", default=None,
-                        help="dataset name (default: the embedded Python-docs corpus)")
-    parser.add_argument("--data_dir", default=None, help="TFDS data directory")
-    parser.add_argument("--batches", type=int, default=None,
-                        help="evaluate at most this many batches (default: the whole split)")
-    parser.add_argument("--batch_size", type=int, default=8, help="sequences per batch")
-    parser.add_argument("--seq_len", type=int, default=None,
-                        help="tokens per sequence (default: min(512, n_positions))")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                        help="compute dtype; logits and the loss are float32 either way")
-    parser.add_argument("--json", metavar="PATH", help="also write the numbers to this file")
-    args = parser.parse_args(argv)
+    p = cli.parser("train.eval", __doc__)
+    p.add_argument("--data", default=None,
+                   help="dataset name (default: the embedded Python-docs corpus)")
+    p.add_argument("--data_dir", default=None, help="TFDS data directory")
+    p.add_argument("--batches", type=int, default=None,
+                   help="evaluate at most this many batches (default: the whole split)")
+    p.add_argument("--batch_size", type=int, default=8, help="sequences per batch")
+    p.add_argument("--seq_len", type=int, default=None,
+                   help="tokens per sequence (default: min(512, n_positions))")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="compute dtype; logits and the loss are float32 either way")
+    return cli.run(p, argv, _evaluate)
+
+
+def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if args.batches is not None and args.batches < 1:
-        parser.error(f"--batches must be positive, got {args.batches}")
-    if args.json and not pathlib.Path(args.json).resolve().parent.is_dir():
-        parser.error(f"--json {args.json}: directory {pathlib.Path(args.json).parent} does not "
-                     "exist")
-
-    try:
-        result = _evaluate(parser, args)
-        if args.json:
-            atomic.write_json(args.json, result)
-            print(f"wrote {args.json}")
-    except (FileNotFoundError, ValueError) as e:  # A bad path, checkpoint or dataset: not a bug.
-        sys.exit(f"error: {e}")
-    return result
-
-
-def _evaluate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
+        raise ValueError(f"--batches must be positive, got {args.batches}")
     params, model_cfg = checkpoint.load(args.checkpoint)
     seq_len = args.seq_len or min(512, model_cfg.n_positions)
     if not 0 < seq_len <= model_cfg.n_positions:
-        parser.error(f"--seq_len={seq_len} must be in [1, n_positions={model_cfg.n_positions}]")
+        raise ValueError(f"--seq_len={seq_len} must be in [1, n_positions="
+                         f"{model_cfg.n_positions}]")
     mesh = sharding.make_mesh((-1, 1, 1))
     if args.batch_size % sharding.batch_devices(mesh):
-        parser.error(f"--batch_size={args.batch_size} must be divisible by the "
-                     f"{sharding.batch_devices(mesh)} devices")
+        raise ValueError(f"--batch_size={args.batch_size} must be divisible by the "
+                         f"{sharding.batch_devices(mesh)} devices")
     params_shardings = sharding.tree_shardings(params, mesh)
     params = jax.device_put(params, params_shardings)
     eval_step = make_eval_step(make_model(model_cfg, args.dtype), 1, mesh, params_shardings)
@@ -104,11 +86,11 @@ def _evaluate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict
                            batch_size=args.batch_size, max_batches=args.batches,
                            data_dir=args.data_dir, progress=True)
     name = args.data or data.DEFAULT_NAME
-    table = common.Table(f"held-out perplexity: split {data.HELDOUT!r} of {name!r}, {n} batches "
-                         f"of {args.batch_size} x {seq_len} tokens",
-                         ["loss (nats/token)", "perplexity"], digits=4)
+    table = cli.Table(f"held-out perplexity: split {data.HELDOUT!r} of {name!r}, {n} batches "
+                      f"of {args.batch_size} x {seq_len} tokens",
+                      ["loss (nats/token)", "perplexity"], digits=4)
     table.add(args.checkpoint, [loss, math.exp(loss)])
-    if common.is_backpack_gpt2(model_cfg):
+    if cli.is_backpack_gpt2(model_cfg):
         table.add("paper: Backpack-Small, OpenWebText", [None, PAPER_OWT_PERPLEXITY])
     print(table.format())
     return {"checkpoint": args.checkpoint, "data": name, "split": data.HELDOUT, "batches": n,

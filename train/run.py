@@ -34,7 +34,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from backpack_jax import checkpoint, hf
+from backpack_jax import checkpoint, cli, hf
 from backpack_jax.atomic import atomic_path
 from backpack_jax.config import PRESETS, BackpackConfig, get_config, get_model_config
 from backpack_jax.flops import train_flops_per_token
@@ -418,24 +418,31 @@ def parse_args(argv: list[str]) -> tuple[ml_collections.ConfigDict, str, str | N
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The command. absl's flags parse the command line, not `cli.parser`, since ml_collections'
+    `--config.FIELD=VALUE` overrides need them; errors still follow `cli`: a mistake in the
+    command or the workdir's state (bad preset or override, busy workdir, missing data, a bad
+    --init_from) is the usage and/or one `error: ...` line with exit status 2. A run that fails
+    after it started (a diverged loss, a lock taken over, a failed write) is one `error: ...`
+    line with exit status 1: the command was right, and running it again can succeed."""
     argv = sys.argv[1:] if argv is None else argv
     if {"-h", "--help"} & set(argv):
         print(__doc__)
-        return
+        raise SystemExit(0)
     try:
         config, workdir, init_from = parse_args(argv)
     except ValueError as e:
-        print(f"error: {e}\n{USAGE}", file=sys.stderr)
-        sys.exit(2)
+        print(USAGE, file=sys.stderr)
+        cli.fail(e)
     sharding.maybe_initialize_distributed()
     try:  # The user's input or the workdir's state, not a bug: one line.
         run = prepare(config, workdir, init_from)
     except (OSError, ValueError, WorkdirBusy) as e:
-        sys.exit(f"error: {e}")
+        cli.fail(e)
     try:
         _loop(run)
     except (TrainingDiverged, WorkdirBusy, WriteFailed) as e:
         sys.exit(f"error: {e}")
+
 
 if __name__ == "__main__":
     main()

@@ -22,11 +22,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from backpack_jax import generate, interventions, model, senses
+from backpack_jax import checkpoint, cli, generate, interventions, model
 from backpack_jax.config import BackpackConfig
-from backpack_jax.evals import common
 from backpack_jax.model import Params
-from backpack_jax.tokenizer import get_tokenizer
+from backpack_jax.tokenizer import get_tokenizer, single_token, word_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,8 +45,8 @@ class EditCheck:
         return bool((self.remove_after_S < self.remove_before_S).all()
                     and (self.add_after_S > self.add_before_S).all())
 
-    def table(self, remove: str, add: str) -> common.Table:
-        t = common.Table(f"logits where the edited word is in context ({len(self.positions_S)} "
+    def table(self, remove: str, add: str) -> cli.Table:
+        t = cli.Table(f"logits where the edited word is in context ({len(self.positions_S)} "
                          "positions)", ["before (mean)", "after (mean)", "change (min)",
                                         "change (max)"])
         for name, before, after in ((f"{remove!r} (removed)", self.remove_before_S,
@@ -96,29 +95,21 @@ def continuations(params: Params, config: BackpackConfig, prompt_ids: Sequence[i
     return out
 
 
-def _one_token(tokenizer: Any, word: str, flag: str) -> int:
-    ids = senses.word_token_ids(word, tokenizer)
-    if len(ids) != 1:
-        raise ValueError(f"{flag} {word!r} is {len(ids)} tokens "
-                         f"{[tokenizer.decode([i]) for i in ids]}; it must be one token")
-    return ids[0]
-
-
 def _body(args: argparse.Namespace) -> dict[str, Any]:
     if args.max_new_tokens < 1 or args.samples < 0:
         raise ValueError("--max_new_tokens must be >= 1 and --samples >= 0")
-    params, config = common.load(args.checkpoint)
+    params, config = checkpoint.load(args.checkpoint)
     tokenizer = get_tokenizer()
-    word_ids = senses.word_token_ids(args.word, tokenizer)
-    remove_id = _one_token(tokenizer, args.remove, "--remove")
-    add_id = _one_token(tokenizer, args.add, "--add")
+    ids_U = word_ids(args.word, tokenizer)
+    remove_id = single_token(args.remove, tokenizer, "--remove")
+    add_id = single_token(args.add, tokenizer, "--add")
     prompt_ids = tokenizer.encode(args.prompt)
     if not prompt_ids:
         raise ValueError("--prompt is empty")
-    edit = interventions.knowledge_edit(params, config, word_ids, remove_id, add_id)
-    check = edit_check(params, config, prompt_ids, word_ids, edit, remove_id, add_id)
+    edit = interventions.knowledge_edit(params, config, ids_U, remove_id, add_id)
+    check = edit_check(params, config, prompt_ids, ids_U, edit, remove_id, add_id)
     table = check.table(args.remove, args.add)
-    print(f"word {args.word!r} = tokens {[tokenizer.decode([i]) for i in word_ids]}; "
+    print(f"word {args.word!r} = tokens {[tokenizer.decode([i]) for i in ids_U]}; "
           f"{args.remove!r} -> {args.add!r}\n")
     print(table.format())
     texts = continuations(params, config, prompt_ids, edit, max_new_tokens=args.max_new_tokens,
@@ -132,15 +123,16 @@ def _body(args: argparse.Namespace) -> dict[str, Any]:
             print(f"\n{label}:")
             for when in ("before", "after"):
                 print(f"  {when:6}| {args.prompt}{decoded[when][how][i]}")
-    return {"word": args.word, "word_ids": word_ids, "remove": args.remove, "add": args.add,
+    return {"word": args.word, "word_ids": ids_U, "remove": args.remove, "add": args.add,
             "prompt": args.prompt, "check": {"table": table.to_json(), "holds": check.holds,
                                              "positions": check.positions_S.tolist()},
             "continuations": decoded}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    p = common.parser("edit", "The paper's knowledge edit: make --word evoke --add where it "
-                              "evoked --remove; check the logits and compare continuations.")
+    p = cli.parser("backpack_jax.evals.edit",
+                   "The paper's knowledge edit: make --word evoke --add where it evoked --remove; "
+                   "check the logits and compare continuations.")
     p.add_argument("--word", default="MacBook", help="the word to edit (tokenized as ' word')")
     p.add_argument("--remove", default="Apple", help="the one-token word it should stop evoking")
     p.add_argument("--add", default="HP", help="the one-token word it should evoke instead")
@@ -150,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--samples", type=int, default=2, help="sampled continuations of each kind")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    return common.run(p, argv, _body)
+    return cli.run(p, argv, _body)
 
 
 if __name__ == "__main__":

@@ -43,12 +43,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from backpack_jax import atomic, batching, interventions, model, senses
+from backpack_jax import atomic, batching, checkpoint, cli, interventions, model
 from backpack_jax.config import BackpackConfig
-from backpack_jax.evals import common
 from backpack_jax.interventions import SenseIntervention
 from backpack_jax.model import Params
-from backpack_jax.tokenizer import get_tokenizer
+from backpack_jax.tokenizer import get_tokenizer, single_token
 
 PLACEHOLDER = "PROFESSION"
 PROFESSIONS = (
@@ -152,19 +151,18 @@ def read_words(text: str, flag: str) -> list[str]:
 class Professions:
     words: list[str]  # the usable ones, in the given order
     token_ids_J: np.ndarray  # int32, the token of " word"
-    skipped: dict[str, list[str]]  # word -> its tokens' text, for words of several tokens
+    skipped: dict[str, str]  # word -> why it is not one token (`tokenizer.single_token`)
 
 
 def split_professions(words: Sequence[str], tokenizer: Any) -> Professions:
     """Keeps the words that are one token with a leading space (as the paper did)."""
     kept, ids, skipped = [], [], {}
     for word in words:
-        tokens = senses.word_token_ids(word, tokenizer)
-        if len(tokens) == 1:
+        try:
+            ids.append(single_token(word, tokenizer, "a profession"))
             kept.append(word)
-            ids.append(tokens[0])
-        else:
-            skipped[word] = [tokenizer.decode([t]) for t in tokens]
+        except ValueError as e:
+            skipped[word] = str(e)
     if not kept:
         raise ValueError(f"none of the professions {list(words)} is one GPT-2 token with a "
                          "leading space; there is nothing to measure")
@@ -173,15 +171,7 @@ def split_professions(words: Sequence[str], tokenizer: Any) -> Professions:
 
 def one_token_ids(words: Sequence[str], tokenizer: Any, flag: str) -> list[int]:
     """The token of " word" for each word, which must be exactly one."""
-    ids = []
-    for word in words:
-        tokens = senses.word_token_ids(word, tokenizer)
-        if len(tokens) != 1:
-            raise ValueError(f"{flag}: {word!r} is {len(tokens)} tokens "
-                             f"{[tokenizer.decode([t]) for t in tokens]}; it must be one token "
-                             "with a leading space")
-        ids.append(tokens[0])
-    return ids
+    return [single_token(word, tokenizer, flag) for word in words]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,7 +304,7 @@ def fit_scales(params: Params, config: BackpackConfig, batch: PromptBatch,
                penalty: float = PENALTY, batch_size: int = 64, progress: bool = True) -> Fit:
     """One scale per profession, fitted with Nelder-Mead from scale 1 on that profession's rows
     of `batch` (the fitting prompts); each evaluation is one device call."""
-    common.require("scipy", "fitting the sense scales (Nelder-Mead)")
+    cli.require("scipy", "fitting the sense scales (Nelder-Mead)")
     from scipy import optimize
 
     sense = model.check_sense(config, sense)
@@ -389,14 +379,14 @@ class GenderBias:
                 "removed": f"sense {self.sense} removed (scale 0)",
                 "fitted": f"sense {self.sense} scaled by a fitted factor"}[setting]
 
-    def table(self, paper: bool = False) -> common.Table:
+    def table(self, paper: bool = False) -> cli.Table:
         """Mean bias and reduction per setting, with the paper's columns and baselines if
         `paper`."""
         J, Q = self.ratios["unmodified"].shape
         he, she = self.pronouns
         columns = ["mean bias", "reduction %"] + (["paper bias", "paper reduction %"]
                                                   if paper else [])
-        t = common.Table(f"Gender bias: mean of max(p({he})/p({she}), p({she})/p({he})) over "
+        t = cli.Table(f"Gender bias: mean of max(p({he})/p({she}), p({she})/p({he})) over "
                          f"{Q} prompts x {J} professions (1 = unbiased)", columns)
         base = self.mean("unmodified")
         for s in SETTINGS:
@@ -409,19 +399,19 @@ class GenderBias:
                        "in the excess over the unbiased 1")
         return t
 
-    def profession_table(self) -> common.Table:
-        t = common.Table("Per profession: mean bias over the prompts, and the fitted scale",
+    def profession_table(self) -> cli.Table:
+        t = cli.Table("Per profession: mean bias over the prompts, and the fitted scale",
                          [*SETTINGS, "fitted scale"])
         for j, word in enumerate(self.professions.words):
             t.add(word, [self.ratios[s][j].mean() for s in SETTINGS] + [self.fit.scales_J[j]])
         return t
 
-    def curve_table(self, word: str, paper: bool = False) -> common.Table:
+    def curve_table(self, word: str, paper: bool = False) -> cli.Table:
         he, she = self.pronouns
         columns = [f"p({he})", f"p({she})"] + ([f"paper p({he})", f"paper p({she})"]
                                                if paper else [])
         smallest = max(float(self.curve_probs_Yx2.min()), 1e-12)
-        t = common.Table(f"p({he}) and p({she}) against the weight on sense {self.sense} of "
+        t = cli.Table(f"p({he}) and p({she}) against the weight on sense {self.sense} of "
                          f"{' ' + word!r}", columns,  # 3 significant digits for small values
                          digits=3 if smallest >= 0.01 else 2 - int(np.floor(np.log10(smallest))))
         for w, probs in zip(self.curve_weights_Y, self.curve_probs_Yx2, strict=True):
@@ -499,19 +489,18 @@ def _body(args: argparse.Namespace) -> dict[str, Any]:
     professions = PROFESSIONS if args.professions is None else read_words(args.professions,
                                                                           "--professions")
     pronouns = read_words(args.pronouns, "--pronouns")
-    params, config = common.load(args.checkpoint)
+    params, config = checkpoint.load(args.checkpoint)
     result = evaluate(params, config, get_tokenizer(), professions=professions, prompts=prompts,
                       fit_prompts=fit_prompts, pronouns=pronouns, sense=args.sense,
                       penalty=args.penalty, curve_prompt=args.curve_prompt,
                       curve_word=args.curve_word, curve_points=args.curve_points,
                       batch_size=args.batch_size)
-    paper = (common.is_backpack_gpt2(config) and result.sense == SENSE
+    paper = (cli.is_backpack_gpt2(config) and result.sense == SENSE
              and result.pronouns == PRONOUNS)
     paper_curve = paper and (args.curve_prompt, args.curve_word) == (CURVE_PROMPT, CURVE_WORD)
     jobs = result.professions
     print(f"{len(jobs.words)} of {len(professions)} professions are one token"
-          + ("" if not jobs.skipped else "; skipped (not one GPT-2 token with a leading space): "
-             + ", ".join(f"{w} {pieces}" for w, pieces in jobs.skipped.items())) + "\n")
+          + "".join(f"\nskipped {message}" for message in jobs.skipped.values()) + "\n")
     table, per_job, curve = (result.table(paper), result.profession_table(),
                              result.curve_table(args.curve_word, paper_curve))
     print(f"{table.format()}\n\n{per_job.format()}\n\n{curve.format()}")
@@ -534,9 +523,9 @@ def _body(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    p = common.parser("gender", "The paper's gender bias experiment (Table 5, Figure 3): the "
-                                "he/she bias ratio of profession prompts, with a sense of the "
-                                "profession removed or rescaled.")
+    p = cli.parser("backpack_jax.evals.gender",
+                   "The paper's gender bias experiment (Table 5, Figure 3): the he/she bias ratio "
+                   "of profession prompts, with a sense of the profession removed or rescaled.")
     p.add_argument("--sense", type=int, default=SENSE, help="the sense index to edit (0-based)")
     p.add_argument("--professions", metavar="FILE|LIST",
                    help="a file of one word per line, or a comma-separated list (default: the "
@@ -556,7 +545,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                    help="weights from 1 to 0 on the curve")
     p.add_argument("--batch_size", type=int, default=64, help="prompts per device call")
     p.add_argument("--plot", metavar="PNG", help="write Figure 3 (the curve) here")
-    return common.run(p, argv, _body)
+    return cli.run(p, argv, _body)
 
 
 if __name__ == "__main__":

@@ -35,22 +35,22 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from backpack_jax import batching, generate, model
+from backpack_jax import batching, cli, generate, model
+from backpack_jax.checkpoint import load
 from backpack_jax.config import BackpackConfig
-from backpack_jax.evals import common
 from backpack_jax.model import Params
 from backpack_jax.tokenizer import get_tokenizer
 
 _PURPOSE = "the lm-evaluation-harness model (backpack_jax.evals.harness)"
 try:
-    lm_model = common.require("lm_eval.api.model", _PURPOSE)
-    lm_registry = common.require("lm_eval.api.registry", _PURPOSE)
-    lm_utils = common.require("lm_eval.utils", _PURPOSE)
+    lm_model = cli.require("lm_eval.api.model", _PURPOSE)
+    lm_registry = cli.require("lm_eval.api.registry", _PURPOSE)
+    lm_utils = cli.require("lm_eval.utils", _PURPOSE)
     # lm-eval fills its registry with its own models only while the registry is empty.
-    common.require("lm_eval.models", _PURPOSE)
-except common.MissingExtraError as e:
+    cli.require("lm_eval.models", _PURPOSE)
+except cli.MissingExtraError as e:
     if __name__ == "__main__":
-        sys.exit(f"error: {e}")
+        cli.fail(e)
     raise
 
 MODEL_NAME = "backpack-jax"
@@ -155,7 +155,7 @@ class BackpackHarnessLM(lm_model.LM):
         if isinstance(batch_size, str) and batch_size.startswith("auto"):
             batch_size = max_batch_size or 16
         self.batch_size = int(batch_size)
-        self.params, self.config = common.load(str(checkpoint))
+        self.params, self.config = load(str(checkpoint))
         self.max_length = int(max_length or self.config.n_positions)
         self.max_gen_toks = int(max_gen_toks)
         if self.batch_size < 1:
@@ -306,14 +306,14 @@ class BackpackHarnessLM(lm_model.LM):
 
 def main(argv: Sequence[str] | None = None) -> None:
     """lm-eval's command line with `backpack-jax` registered; a user error (a bad argument or
-    checkpoint, a dataset that cannot be found offline) is one line."""
-    cli = common.require("lm_eval.__main__", _PURPOSE)
-    prog = "python -m backpack_jax.evals.harness"
-    sys.argv = [prog, *(sys.argv[1:] if argv is None else argv)]
+    checkpoint, a dataset that cannot be found offline) is one `error: ...` line (`cli.fail`).
+    lm-eval parses the flags itself, so its own parsing errors keep argparse's format."""
+    lm_cli = cli.require("lm_eval.__main__", _PURPOSE)
+    sys.argv = ["python -m backpack_jax.evals.harness", *(sys.argv[1:] if argv is None else argv)]
     try:
-        cli.cli_evaluate()
-    except (ValueError, FileNotFoundError, ConnectionError, common.MissingExtraError) as e:
-        sys.exit(f"{prog}: error: {e}")
+        lm_cli.cli_evaluate()
+    except (*cli.USER_ERRORS, ConnectionError) as e:
+        cli.fail(e)
 
 
 if __name__ == "__main__":

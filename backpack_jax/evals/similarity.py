@@ -40,9 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from backpack_jax import atomic, batching, model, senses
+from backpack_jax import atomic, batching, checkpoint, cli, model, senses, tokenizer as tokenization
 from backpack_jax.config import BackpackConfig
-from backpack_jax.evals import common
 from backpack_jax.model import Params
 from backpack_jax.tokenizer import get_tokenizer
 
@@ -303,7 +302,7 @@ def pair_cosines(vectors: WordVectors, a_L: Sequence[int], b_L: Sequence[int]
 class Similarity:
     """Spearman's rho per method (rows) and dataset (columns), and what it was computed from."""
 
-    table: common.Table
+    table: cli.Table
     cosines: dict[str, dict[str, np.ndarray]]  # dataset name -> row name -> [P]
     word_ids: dict[str, list[int]]  # every distinct word's tokens
 
@@ -311,23 +310,23 @@ class Similarity:
 def _tokenize(datasets: Sequence[WordPairs], tokenizer: Any) -> dict[str, list[int]]:
     """Each distinct word's tokens (with a leading space); a word without any is an error at
     its first file line."""
-    word_ids: dict[str, list[int]] = {}
+    ids_of: dict[str, list[int]] = {}
     for d in datasets:
         for p, pair in enumerate(zip(d.words1_L, d.words2_L, strict=True)):
             for word in pair:
-                if word not in word_ids:
-                    ids = senses.word_token_ids(word, tokenizer) if word.strip() else []
+                if word not in ids_of:
+                    ids = tokenization.word_ids(word, tokenizer) if word.strip() else []
                     if not ids:
                         raise ValueError(f"{d.where(p)}: the word {word!r} tokenizes to nothing")
-                    word_ids[word] = ids
-    return word_ids
+                    ids_of[word] = ids
+    return ids_of
 
 
 def evaluate(params: Params, config: BackpackConfig, tokenizer: Any,
              datasets: Sequence[WordPairs], *, batch_size: int = 256,
              progress: bool = True) -> Similarity:
     """Spearman's rho between each method's cosines and the human scores, for each dataset."""
-    spearmanr = common.require("scipy.stats", "lexical similarity (Spearman's rho)").spearmanr
+    spearmanr = cli.require("scipy.stats", "lexical similarity (Spearman's rho)").spearmanr
     names = [d.name for d in datasets]
     if not datasets or len(set(names)) != len(names):
         raise ValueError(f"give one or more datasets with distinct names, got {names}")
@@ -338,7 +337,7 @@ def evaluate(params: Params, config: BackpackConfig, tokenizer: Any,
     cosines = {d.name: pair_cosines(vectors, [index[w] for w in d.words1_L],
                                     [index[w] for w in d.words2_L]) for d in datasets}
     several = sum(len(ids) > 1 for ids in word_ids.values())
-    table = common.Table(
+    table = cli.Table(
         "Spearman rho of cosine similarity against human scores (paper Table 4)", names,
         notes=[f"{len(word_ids)} distinct words, {several} of several tokens ('first': the "
                "first token's vectors, 'mean': the mean over its tokens); pairs: "
@@ -351,9 +350,9 @@ def evaluate(params: Params, config: BackpackConfig, tokenizer: Any,
     return Similarity(table, cosines, word_ids)
 
 
-def paper_table(datasets: Sequence[WordPairs]) -> common.Table:
+def paper_table(datasets: Sequence[WordPairs]) -> cli.Table:
     """The paper's Table 4 rows under our columns (each column takes its format's number)."""
-    table = common.Table("paper, Table 4 (backpack-gpt2 and baselines)",
+    table = cli.Table("paper, Table 4 (backpack-gpt2 and baselines)",
                          [d.name for d in datasets])
     for name, values in PAPER.items():
         table.add(f"paper: {name}", [values[FORMATS.index(d.format)] for d in datasets])
@@ -362,7 +361,7 @@ def paper_table(datasets: Sequence[WordPairs]) -> common.Table:
 
 # -------------------------------------------------------------------------------------- plot
 
-def plot(table: common.Table, path: str) -> None:
+def plot(table: cli.Table, path: str) -> None:
     """A heat map of rho, methods down and datasets across, one panel per representation."""
     plt = atomic.pyplot()
     methods = [name.rsplit(" (", 1)[0] for name in table.rows if name.endswith("(first)")]
@@ -388,10 +387,10 @@ def plot(table: common.Table, path: str) -> None:
 
 def _body(args: argparse.Namespace) -> dict[str, Any]:
     datasets = read_datasets(args.data, args.format)
-    params, config = common.load(args.checkpoint)
+    params, config = checkpoint.load(args.checkpoint)
     result = evaluate(params, config, get_tokenizer(), datasets, batch_size=args.batch)
-    paper = paper_table(datasets) if common.is_backpack_gpt2(config) else None
-    shown = common.Table(result.table.title, result.table.columns, dict(result.table.rows),
+    paper = paper_table(datasets) if cli.is_backpack_gpt2(config) else None
+    shown = cli.Table(result.table.title, result.table.columns, dict(result.table.rows),
                          notes=result.table.notes)
     for name, values in ({} if paper is None else paper.rows).items():
         shown.add(name, values)
@@ -408,8 +407,9 @@ def _body(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    p = common.parser("similarity", "The paper's lexical similarity (Table 4): Spearman rho of "
-                                    "sense and embedding cosines against human word-pair scores.")
+    p = cli.parser("backpack_jax.evals.similarity",
+                   "The paper's lexical similarity (Table 4): Spearman rho of sense and embedding "
+                   "cosines against human word-pair scores.")
     p.add_argument("--data", nargs="+", required=True, metavar="FILE",
                    help="SimLex-999.txt, SimVerb-3500.txt, RG65.csv, WS353.csv (any subset)")
     p.add_argument("--format", nargs="+", choices=FORMATS, metavar="F",
@@ -417,7 +417,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         "per file (default: from the file names)")
     p.add_argument("--batch", type=int, default=256, help="words per device call")
     p.add_argument("--plot", metavar="PNG", help="heat map of rho per method and dataset")
-    return common.run(p, argv, _body)
+    return cli.run(p, argv, _body)
 
 
 if __name__ == "__main__":

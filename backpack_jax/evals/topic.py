@@ -39,10 +39,9 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from backpack_jax import atomic, generate, topic
+from backpack_jax import atomic, checkpoint, cli, generate, topic
 from backpack_jax.config import BackpackConfig
 from backpack_jax.edits import SenseEdit
-from backpack_jax.evals import common
 from backpack_jax.model import Params
 from backpack_jax.tokenizer import get_tokenizer
 
@@ -67,7 +66,7 @@ def load_classifier(spec: str) -> Classifier:
     or an [N, 17] array in `topic.TOPICS` order), or a local Hugging Face sequence-classification
     directory (run through transformers' pipeline with a sigmoid per label, offline)."""
     if os.path.isdir(spec):
-        transformers = common.require("transformers", "a Hugging Face topic classifier")
+        transformers = cli.require("transformers", "a Hugging Face topic classifier")
         try:
             pipe = transformers.pipeline("text-classification", model=spec, tokenizer=spec,
                                          top_k=None, function_to_apply="sigmoid", device="cpu")
@@ -186,15 +185,15 @@ def _body(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("--samples, --max_new_tokens and --batch must be >= 1")
     topics, strengths = _parse_topics(args.topics), _parse_strengths(args.strengths)
     classifier = None if args.classifier is None else load_classifier(args.classifier)
-    params, config = common.load(args.checkpoint)
+    params, config = checkpoint.load(args.checkpoint)
     tokenizer = get_tokenizer()
     start_id = tokenizer.eot_id
     bags = {}
     for name in topics:
         ids, skipped = topic.bag_token_ids(topic.TOPICS[name], tokenizer)
         bags[name] = {"words": list(topic.TOPICS[name]), "token_ids": ids, "skipped": skipped}
-        if skipped:
-            print(f"{name}: skipped {skipped}, not one token with a leading space")
+        for message in skipped.values():
+            print(f"{name}: skipped {message}")
     scores_ZxVxK = None
     if any(s > 0 for s in strengths):
         max_VxK = topic.cached_max_logits(params, config, args.score_cache)
@@ -241,11 +240,11 @@ def _body(args: argparse.Namespace) -> dict[str, Any]:
                                         "token_ids": row.tolist()}) + "\n")
         print(f"wrote {sum(len(r) for r in tokens.values())} samples to {args.samples_out}")
 
-    paper = common.is_backpack_gpt2(config)
+    paper = cli.is_backpack_gpt2(config)
     columns = ["semantic success", "toks-in-vocab"]
     if paper:
         columns += ["paper semantic", "paper toks-in-vocab", "paper MAUVE"]
-    table = common.Table(f"Topic control ({'fixed' if args.no_anneal else 'annealed'} weights; "
+    table = cli.Table(f"Topic control ({'fixed' if args.no_anneal else 'annealed'} weights; "
                          f"mean over {len(topics)} topics, {args.samples} samples each)", columns)
     means = {}
     for s in strengths:
@@ -269,8 +268,9 @@ def _body(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    p = common.parser("topic", "The paper's topic control (Table 12): sample under each topic's "
-                               "upweighted senses; report toks-in-vocab and semantic success.")
+    p = cli.parser("backpack_jax.evals.topic",
+                   "The paper's topic control (Table 12): sample under each topic's upweighted "
+                   "senses; report toks-in-vocab and semantic success.")
     p.add_argument("--topics", default="all", help="'all' or a comma-separated list of: "
                    + ", ".join(topic.TOPICS))
     p.add_argument("--strengths", default="0,1,2,3", help="comma-separated, of 0 (unchanged), "
@@ -291,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--no_anneal", action="store_true",
                    help="keep the weights fixed instead of annealing them during generation")
     p.add_argument("--plot", metavar="PNG", help="bar chart of both metrics per strength")
-    return common.run(p, argv, _body)
+    return cli.run(p, argv, _body)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ it writes, with stub classifiers written in this file and a tiny local Hugging F
 the score cache; and its errors."""
 
 import json
+import subprocess
 import sys
 import textwrap
 import zlib
@@ -15,6 +16,7 @@ from backpack_jax import checkpoint, generate, model, topic
 from backpack_jax.config import get_model_config
 from backpack_jax.evals import topic as topic_eval
 from backpack_jax.tokenizer import get_tokenizer
+from tests.hub_cache import cache_repo, offline_env
 
 # tiny, narrower: the GPT-2 vocabulary, and a quick V*K*V*D scoring.
 CONFIG = get_model_config("tiny").replace(n_embd=32, n_head=2, num_senses=2)
@@ -210,10 +212,11 @@ def test_hugging_face_classifier_directory(tmp_path):
         initializer_range=1.0)
     torch.manual_seed(0)
     classifier_model = transformers.BertForSequenceClassification(config).eval()
-    classifier_model.save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
+    model_dir = tmp_path / "classifier"
+    classifier_model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
     texts = ["the music", "sports sports the", "unknown words"]
-    probs = topic_eval.topic_probabilities(topic_eval.load_classifier(str(tmp_path)), texts,
+    probs = topic_eval.topic_probabilities(topic_eval.load_classifier(str(model_dir)), texts,
                                            ["music", "sports", "arts_culture"])
     with torch.no_grad():
         logits = np.stack([classifier_model(**tok(t, return_tensors="pt")).logits[0].numpy()
@@ -221,6 +224,19 @@ def test_hugging_face_classifier_directory(tmp_path):
     columns = [HF_LABELS.index(label) for label in ("music", "sports", "arts_&_culture")]
     np.testing.assert_allclose(probs, 1 / (1 + np.exp(-logits[:, columns])), rtol=1e-5)
     assert (probs > 0.5).any() and (probs < 0.5).any()
+
+    # The same model taken by Hub id (and @revision) from huggingface_hub's cache, offline.
+    home = tmp_path / "home"
+    cache_repo(home, "org/topics", {"c" * 40: model_dir}, {"main": "c" * 40, "v2": "c" * 40})
+    script = ("import json, sys; from backpack_jax.evals import topic as t; "
+              "print(json.dumps([t.topic_probabilities(t.load_classifier(spec), "
+              f"{texts!r}, ['music', 'sports', 'arts_culture']).tolist() "
+              "for spec in ('org/topics', 'org/topics@v2')]))")
+    done = subprocess.run([sys.executable, "-c", script], env=offline_env(home),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    for by_id in json.loads(done.stdout.strip().splitlines()[-1]):
+        np.testing.assert_allclose(by_id, probs, rtol=1e-5)
 
 
 def test_score_cache_is_written_then_checked(ckpt, tmp_path):

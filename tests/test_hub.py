@@ -1,15 +1,9 @@
-"""Hub ids through huggingface_hub's own resolution, against a cache laid out as it lays one out
-(`models--org--name/refs/<rev>` holding a commit, `snapshots/<commit>/<files>`), offline.
-
-huggingface_hub reads HF_HOME and HF_HUB_OFFLINE when it is imported, so the checks run in one
-subprocess with that environment (nothing is patched)."""
+"""Hub ids through huggingface_hub's own resolution, against a cache laid out as it lays one out,
+offline, in a subprocess (tests/hub_cache.py)."""
 
 from __future__ import annotations
 
 import json
-import os
-import pathlib
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -20,35 +14,16 @@ import pytest
 
 from backpack_jax import checkpoint, hf, model
 from backpack_jax.config import BackpackConfig
+from tests.hf_checkpoints import write_hf_checkpoint
+from tests.hub_cache import cache_repo, offline_env
 
 CONFIG = BackpackConfig(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2,
                         num_senses=2, sense_intermediate_scale=2, bos_token_id=0,
                         eos_token_id=0)
-MAIN, V1 = "a" * 40, "b" * 40
-
-
-def _cache_repo(hub: pathlib.Path, repo_id: str, refs: dict[str, str],
-                files: dict[str, pathlib.Path]) -> None:
-    """One repository in huggingface_hub's cache layout: each ref names a commit, each commit's
-    snapshot holds the given files (per commit: `files` maps "<commit>/<name>" to a source)."""
-    repo = hub / ("models--" + repo_id.replace("/", "--"))
-    (repo / "refs").mkdir(parents=True)
-    for ref, commit in refs.items():
-        (repo / "refs" / ref).write_text(commit)
-    for where, source in files.items():
-        target = repo / "snapshots" / where
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, target)
-
-
-def _hf_files(tmp: pathlib.Path, seed: int) -> tuple[pathlib.Path, float]:
-    params = model.init(CONFIG, jax.random.PRNGKey(seed))
-    hf.write_hf(params, CONFIG, tmp)
-    return tmp, float(np.asarray(model.embedding_VxD(params)).sum())
-
+MAIN, V1, SHARDED, BIN = "a" * 40, "b" * 40, "c" * 40, "d" * 40
 
 SCRIPT = textwrap.dedent("""
-    import json, sys
+    import json
     import numpy as np
     from backpack_jax import checkpoint, model
 
@@ -67,6 +42,8 @@ SCRIPT = textwrap.dedent("""
         "at_v1": total(checkpoint.load("org/tiny@v1")),
         "revision_v1": total(checkpoint.load("org/tiny", revision="v1")),
         "by_commit": total(checkpoint.load("org/tiny@" + "b" * 40)),
+        "sharded": total(checkpoint.load("org/tiny@sharded")),
+        "bin": total(checkpoint.load("org/tiny@bin")),
         "shadowed": total(checkpoint.load("local/tiny")),
         "missing": error(lambda: checkpoint.load("org/missing")),
         "no_rev": error(lambda: checkpoint.load("org/tiny@v9")),
@@ -76,31 +53,37 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+def _total(params) -> float:
+    return float(np.asarray(model.embedding_VxD(params)).sum())
+
+
 @pytest.fixture(scope="module")
 def hub_results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hub")
-    hub = tmp / "home" / "hub"
-    main_dir, main_sum = _hf_files(tmp / "main", 0)
-    v1_dir, v1_sum = _hf_files(tmp / "v1", 1)
-    weights = hf.files.SAFETENSORS
-    _cache_repo(hub, "org/tiny", {"main": MAIN, "v1": V1}, {
-        f"{MAIN}/config.json": main_dir / "config.json", f"{MAIN}/{weights}": main_dir / weights,
-        f"{V1}/config.json": v1_dir / "config.json", f"{V1}/{weights}": v1_dir / weights})
-    (tmp / "gpt2.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 16}))
-    _cache_repo(hub, "org/gpt2", {"main": MAIN}, {f"{MAIN}/config.json": tmp / "gpt2.json"})
-    _cache_repo(hub, "org/config-only", {"main": MAIN},
-                {f"{MAIN}/config.json": main_dir / "config.json"})
+    home = tmp / "home"
+    sources, expected = {}, {}
+    for name, seed, layout in (("main", 0, "safetensors"), ("v1", 1, "safetensors"),
+                               ("sharded", 3, "sharded"), ("bin", 4, "bin")):
+        params = model.init(CONFIG, jax.random.PRNGKey(seed))
+        sources[name] = write_hf_checkpoint(tmp / name, hf.to_state_dict(params, CONFIG), CONFIG,
+                                            layout)
+        expected[name] = _total(params)
+    cache_repo(home, "org/tiny", {MAIN: sources["main"], V1: sources["v1"],
+                                  SHARDED: sources["sharded"], BIN: sources["bin"]},
+               {"main": MAIN, "v1": V1, "sharded": SHARDED, "bin": BIN})
+    (tmp / "gpt2").mkdir()
+    (tmp / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 16}))
+    cache_repo(home, "org/gpt2", {MAIN: tmp / "gpt2"}, {"main": MAIN})
+    (tmp / "config-only").mkdir()
+    (tmp / "config-only" / "config.json").write_text((sources["main"] / "config.json").read_text())
+    cache_repo(home, "org/config-only", {MAIN: tmp / "config-only"}, {"main": MAIN})
     # A local directory spelled like a Hub id (relative to the working directory) wins.
     local_params = model.init(CONFIG, jax.random.PRNGKey(2))
     checkpoint.save(tmp / "local" / "tiny", local_params, CONFIG)
-    env = {**os.environ, "HF_HOME": str(tmp / "home"), "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": str(pathlib.Path(__file__).parents[1])}
-    env.pop("HF_HUB_CACHE", None)
-    done = subprocess.run([sys.executable, "-c", SCRIPT], cwd=tmp, env=env, capture_output=True,
-                          text=True, timeout=300)
+    expected["local"] = _total(local_params)
+    done = subprocess.run([sys.executable, "-c", SCRIPT], cwd=tmp, env=offline_env(home),
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    expected = {"main": main_sum, "v1": v1_sum,
-                "local": float(np.asarray(model.embedding_VxD(local_params)).sum())}
     return json.loads(done.stdout.strip().splitlines()[-1]), expected
 
 
@@ -110,6 +93,12 @@ def test_loads_by_id_and_revision(hub_results):
     for key in ("at_v1", "revision_v1", "by_commit"):
         assert got[key] == pytest.approx(expected["v1"], rel=1e-6), key
     assert expected["main"] != pytest.approx(expected["v1"], rel=1e-3)
+
+
+def test_shards_and_bin_files_are_fetched_by_their_index(hub_results):
+    got, expected = hub_results
+    assert got["sharded"] == pytest.approx(expected["sharded"], rel=1e-6)
+    assert got["bin"] == pytest.approx(expected["bin"], rel=1e-6)
 
 
 def test_a_local_path_shadows_the_id(hub_results):

@@ -53,10 +53,10 @@ def test_sense_rows_are_the_rows_of_the_printed_table(params):
     rows = senses.sense_rows(projection, Tokenizer(), [2, 0])
     want = [", ".join("' '" if t == 0 else f"w{t}" for t in ids)
             for ids in (projection.promoted_ids_KxW[2], projection.suppressed_ids_KxW[2])]
-    assert rows[0] == ("2", *want) and [r[0] for r in rows] == ["2", "0"]
+    assert rows[0] == ["2", *want] and [r[0] for r in rows] == ["2", "0"]
     table = senses.format_sense_table(projection, Tokenizer(), [2, 0]).splitlines()
     assert len(table) == 4 and table[1] == "-" * len(table[0])
-    assert [tuple(c.strip() for c in line.split(" | ")) for line in table[2:]] == rows
+    assert [[c.strip() for c in line.split(" | ")] for line in table[2:]] == rows
 
 
 def test_word_senses_are_the_models_senses_of_its_token(tiny):

@@ -39,7 +39,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from backpack_jax import atomic, checkpoint, cli, generate, topic
+from backpack_jax import atomic, checkpoint, cli, generate, hub, topic
 from backpack_jax.config import BackpackConfig
 from backpack_jax.edits import SenseEdit
 from backpack_jax.model import Params
@@ -63,16 +63,23 @@ def _label_key(label: str) -> str:
 
 def load_classifier(spec: str) -> Classifier:
     """A topic classifier: "module:callable" (any callable texts -> per-text {label: prob} dicts
-    or an [N, 17] array in `topic.TOPICS` order), or a local Hugging Face sequence-classification
-    directory (run through transformers' pipeline with a sigmoid per label, offline)."""
-    if os.path.isdir(spec):
+    or an [N, 17] array in `topic.TOPICS` order), or a Hugging Face sequence-classification model
+    (a local directory, or a Hub id such as cardiffnlp/tweet-topic-21-multi, `@rev` allowed),
+    run through transformers' pipeline with a sigmoid per label. A local directory wins over a
+    Hub id spelled the same way; a Hub id resolves through transformers (its cache, HF_HOME,
+    HF_HUB_OFFLINE) and runs no code from the repository."""
+    repo = None if os.path.isdir(spec) else hub.parse(spec)
+    if os.path.isdir(spec) or repo is not None:
         transformers = cli.require("transformers", "a Hugging Face topic classifier")
+        model_id, revision = (spec, None) if repo is None else repo
         try:
-            pipe = transformers.pipeline("text-classification", model=spec, tokenizer=spec,
-                                         top_k=None, function_to_apply="sigmoid", device="cpu")
+            pipe = transformers.pipeline("text-classification", model=model_id,
+                                         tokenizer=model_id, revision=revision, top_k=None,
+                                         function_to_apply="sigmoid", device="cpu",
+                                         trust_remote_code=False)
         except (OSError, ValueError) as e:
             raise ValueError(f"--classifier {spec} is not a Hugging Face sequence-classification "
-                             f"model directory: {e}") from None
+                             f"model that could be loaded: {str(e).splitlines()[0]}") from None
 
         def classify(texts: list[str]) -> list[dict[str, float]]:
             out = pipe(texts, truncation=True, batch_size=32)
@@ -279,10 +286,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--max_new_tokens", type=int, default=100)
     p.add_argument("--batch", type=int, default=50, help="samples generated at once")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--classifier", metavar="MODULE:CALLABLE|DIR",
+    p.add_argument("--classifier", metavar="ID|DIR|MODULE:CALLABLE",
                    help="topic classifier for semantic success: a callable texts -> [{label: "
-                        "prob}] or [N, 17] array, or a local Hugging Face model directory (the "
-                        "paper: cardiffnlp/tweet-topic-21-multi); without it, n/a")
+                        "prob}] or [N, 17] array, or a Hugging Face model (a local directory or "
+                        "a Hub id; the paper: cardiffnlp/tweet-topic-21-multi); without it, n/a")
     p.add_argument("--samples_out", metavar="PATH.jsonl",
                    help="write every sample (topic, strength, text, token_ids), e.g. for MAUVE")
     p.add_argument("--score_cache", metavar="PATH.npy",

@@ -111,7 +111,7 @@ def run(p: argparse.ArgumentParser, argv: Sequence[str] | None,
 
 @dataclasses.dataclass
 class Table:
-    """Named rows of numbers under named columns; None is a blank cell (not measured)."""
+    """Named rows of numbers under named columns; None is a cell not measured, printed n/a."""
 
     title: str
     columns: list[str]
@@ -127,7 +127,7 @@ class Table:
 
     def format(self) -> str:
         cells = [["", *self.columns]] + [
-            [name, *("" if v is None else f"{v:.{self.digits}f}" for v in values)]
+            [name, *("n/a" if v is None else f"{v:.{self.digits}f}" for v in values)]
             for name, values in self.rows.items()]
         widths = [max(len(row[c]) for row in cells) for c in range(len(cells[0]))]
         lines = [" | ".join(cell.ljust(w) if c == 0 else cell.rjust(w)

@@ -138,9 +138,10 @@ def _check_sampling(config: BackpackConfig, max_new_tokens: int, temperature: fl
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if not temperature >= 0:
         raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-    if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= config.vocab_size):
-        raise ValueError(f"top_k must be an integer in [1, vocab_size={config.vocab_size}], "
-                         f"got {top_k!r}")
+    if top_k is not None and not (isinstance(top_k, int) and 0 <= top_k <= config.vocab_size):
+        raise ValueError(f"top_k must be an integer in [0, vocab_size={config.vocab_size}] "
+                         f"(0 or None = off), got {top_k!r}")
+    top_k = top_k or None  # 0 = off, as on the command line and in Hugging Face's generate
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     greedy = temperature == 0
@@ -300,7 +301,8 @@ def generate(params: Params, config: BackpackConfig, prompt_ids: Any, max_new_to
       prompt_ids: a [B, S] int array, or a list of B token-id lists of any lengths.
       temperature: 0 picks the most likely token (greedy); > 0 samples from softmax(logits / T).
       top_k / top_p: when sampling, keep only the k most likely tokens / the smallest most-likely
-        set whose probability reaches top_p (applied after temperature, top-k first).
+        set whose probability reaches top_p (applied after temperature, top-k first); top_k 0 or
+        None keeps every token.
       rng: a `jax.random` key; required when sampling. The same key gives the same samples.
       eos_id: a row that emits it keeps emitting it; decoding stops once every row has.
       return_logits: also return the model's logits [B, new, V] each new token was drawn from.
@@ -376,8 +378,8 @@ def _sample(args: argparse.Namespace) -> None:
     prompt = tokenizer.encode(args.prompt)
     if not prompt:
         raise ValueError("--prompt is empty after tokenization")
-    # The flags' "off" values (top_k 0, top_p 1) are the API's; anything else it validates.
-    options = dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
+    # The flags' "off" values (top_k 0, top_p 1) are the API's too; the API validates the rest.
+    options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    eos_id=None if args.ignore_eos else tokenizer.eot_id)
     for i in range(args.num_samples):
         steps = stream(params, config, [prompt], args.max_new_tokens,

@@ -125,3 +125,11 @@ def test_require_names_the_extra():
                                                     r"'no_such_module', which is not installed: "
                                                     r"pip install 'backpack-jax\[demo\]'"):
         cli.require("no_such_module", "the demo", extra="demo")
+
+
+def test_table_prints_an_unmeasured_cell_as_na():
+    table = cli.Table("title", ["measured", "not measured"])
+    table.add("row", [1.0, None])
+    cells = [c.strip() for c in table.format().splitlines()[3].split("|")]
+    assert cells == ["row", "1.000", "n/a"]
+    assert table.to_json()["rows"]["row"] == {"measured": 1.0, "not measured": None}

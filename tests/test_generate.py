@@ -92,6 +92,7 @@ def test_sampling_is_reproducible_and_filters_as_asked(params):
 
     first, again, other = sample(0), sample(0), sample(1)
     np.testing.assert_array_equal(first.tokens, again.tokens)
+    np.testing.assert_array_equal(sample(0, top_k=0).tokens, first.tokens)  # 0 = off
     assert (first.tokens != other.tokens).any()
     greedy = generate.generate(params, CONFIG, PROMPTS, N_NEW).tokens
     np.testing.assert_array_equal(sample(5, top_k=1).tokens, greedy)
@@ -174,7 +175,7 @@ def test_streaming_yields_the_same_tokens_and_logits_as_generate(params, options
     ([1, 2, 3], {}, "list of token-id lists"),
     (PROMPTS, {"temperature": -1.0}, "temperature must be >= 0"),
     (PROMPTS, {"temperature": 1.0}, "needs an `rng`"),
-    (PROMPTS, {"top_k": 0, "temperature": 1.0, "rng": jax.random.PRNGKey(0)}, "top_k must be"),
+    (PROMPTS, {"top_k": -1, "temperature": 1.0, "rng": jax.random.PRNGKey(0)}, "top_k must be"),
     (PROMPTS, {"top_p": 0.0, "temperature": 1.0, "rng": jax.random.PRNGKey(0)}, "top_p must be"),
     (PROMPTS, {"top_p": 1.5}, "top_p must be"),
     (PROMPTS, {"max_new_tokens": 0}, "max_new_tokens must be a positive"),

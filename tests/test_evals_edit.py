@@ -119,6 +119,9 @@ def test_command(params, tmp_path, capsys):
     assert "(removed)" in printed and "greedy:" in printed and "sample 0" in printed
     assert json.loads(out.read_text())["continuations"] == result["continuations"]
     assert len(result["continuations"]["after"]["sampled"]) == 1
+    # Continuations print as literals, so a run of newlines or spaces stays visible.
+    greedy = result["continuations"]["before"]["greedy"][0]
+    assert f"  before| 'The MacBook is made by' + {greedy!r}" in printed.splitlines()
     with pytest.raises(SystemExit):
         edit_eval.main(["--checkpoint", str(tmp_path / "ckpt"), "--remove", "MacBookPro"])
     assert capsys.readouterr().err == ("error: ' MacBookPro' is 2 tokens (' MacBook', 'Pro'); "

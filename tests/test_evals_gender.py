@@ -3,6 +3,7 @@ Figure 3 curve against an independent computation (each prompt run on its own th
 model.apply, the sense edit done on alpha instead, a plain numpy softmax), the inputs' errors,
 and the command."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -231,11 +232,29 @@ def test_command_writes_the_json(ckpt, tmp_path, tok, params, capsys):
 
 def test_command_error_is_one_line(ckpt, capsys):
     with pytest.raises(SystemExit) as e:
-        gender.main(["--checkpoint", str(ckpt), "--professions", "nurse"])  # sense 10 of 4
+        gender.main(["--checkpoint", str(ckpt), "--professions", "nurse", "--sense", "10"])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert "sense index 10 is out of range" in err
+
+
+def test_default_sense_is_the_papers_or_the_last(ckpt, capsys, monkeypatch):
+    assert gender.default_sense(CONFIG.replace(num_senses=16)) == 10
+    assert gender.default_sense(CONFIG) == CONFIG.num_senses - 1
+    # A fit that flips the sense is warned about (the fit itself is unbounded, as the paper's).
+    fit_scales = gender.fit_scales
+
+    def flipping(*args, **kwargs):
+        fit = fit_scales(*args, **kwargs)
+        return dataclasses.replace(fit, scales_J=-np.abs(fit.scales_J) - 1.0)
+
+    monkeypatch.setattr(gender, "fit_scales", flipping)
+    result = gender.main(["--checkpoint", str(ckpt), "--professions", "nurse",
+                          "--curve_points", "2"])
+    assert result["sense"] == CONFIG.num_senses - 1
+    assert "warning: 1 fitted scale(s) are negative, which flips the sense (nurse -" in (
+        capsys.readouterr().out)
 
 
 @pytest.mark.slow

@@ -121,8 +121,8 @@ def _body(args: argparse.Namespace) -> dict[str, Any]:
         for i in range(len(decoded["before"][how])):
             label = how if how == "greedy" else f"sample {i} (T={args.temperature})"
             print(f"\n{label}:")
-            for when in ("before", "after"):
-                print(f"  {when:6}| {args.prompt}{decoded[when][how][i]}")
+            for when in ("before", "after"):  # as Python literals: whitespace stays visible
+                print(f"  {when:6}| {args.prompt!r} + {decoded[when][how][i]!r}")
     return {"word": args.word, "word_ids": ids_U, "remove": args.remove, "add": args.add,
             "prompt": args.prompt, "check": {"table": table.to_json(), "holds": check.holds,
                                              "positions": check.positions_S.tolist()},

@@ -420,16 +420,22 @@ class GenderBias:
         return t
 
 
+def default_sense(config: BackpackConfig) -> int:
+    """The paper's sense 10, or the last sense of a model with fewer (as the demo does)."""
+    return min(SENSE, config.num_senses - 1)
+
+
 def evaluate(params: Params, config: BackpackConfig, tokenizer: Any, *,
              professions: Sequence[str] = PROFESSIONS, prompts: Sequence[Prompt] | None = None,
              fit_prompts: Sequence[Prompt] | None = None,
-             pronouns: Sequence[str] = PRONOUNS, sense: int = SENSE, penalty: float = PENALTY,
+             pronouns: Sequence[str] = PRONOUNS, sense: int | None = None,
+             penalty: float = PENALTY,
              curve_prompt: str = CURVE_PROMPT, curve_word: str = CURVE_WORD,
              curve_points: int = CURVE_POINTS, batch_size: int = 64,
              progress: bool = True) -> GenderBias:
     """The three settings on the evaluation prompts, the fit on the fitting prompts, and the
-    Figure 3 curve."""
-    sense = model.check_sense(config, sense)
+    Figure 3 curve. `sense` defaults to `default_sense(config)`."""
+    sense = model.check_sense(config, default_sense(config) if sense is None else sense)
     if len(pronouns) != 2:
         raise ValueError(f"give two pronouns to compare, got {list(pronouns)}")
     if curve_points < 2:
@@ -503,6 +509,13 @@ def _body(args: argparse.Namespace) -> dict[str, Any]:
           + "".join(f"\nskipped {message}" for message in jobs.skipped.values()) + "\n")
     table, per_job, curve = (result.table(paper), result.profession_table(),
                              result.curve_table(args.curve_word, paper_curve))
+    flipped = {w: s for w, s in zip(jobs.words, result.fit.scales_J.tolist(), strict=True)
+               if s < 0}
+    if flipped:
+        per_job.notes.append(
+            f"warning: {len(flipped)} fitted scale(s) are negative, which flips the sense "
+            f"({', '.join(f'{w} {s:.2f}' for w, s in flipped.items())}); a larger --penalty "
+            "keeps the scales near 1")
     print(f"{table.format()}\n\n{per_job.format()}\n\n{curve.format()}")
     if args.plot:
         plot(result, args.curve_word, args.plot, paper_curve)
@@ -526,7 +539,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p = cli.parser("backpack_jax.evals.gender",
                    "The paper's gender bias experiment (Table 5, Figure 3): the he/she bias ratio "
                    "of profession prompts, with a sense of the profession removed or rescaled.")
-    p.add_argument("--sense", type=int, default=SENSE, help="the sense index to edit (0-based)")
+    p.add_argument("--sense", type=int, help=f"the sense index to edit (0-based; default: the "
+                                             f"paper's {SENSE}, or the last of a model with "
+                                             "fewer senses)")
     p.add_argument("--professions", metavar="FILE|LIST",
                    help="a file of one word per line, or a comma-separated list (default: the "
                         "paper's 40; words of several tokens are skipped)")

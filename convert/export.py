@@ -109,7 +109,8 @@ def training_summary(path: str | os.PathLike) -> dict[str, Any]:
 def model_card(config: BackpackConfig, hub_code: bool, has_tokenizer: bool,
                training: dict[str, Any] | None) -> str:
     """README.md: Hub metadata, how to load and generate, the config, and how it was trained."""
-    load = ("tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)" if has_tokenizer
+    # Plain GPT-2 BPE: tokenizer_type skips the model's config (and so its remote code).
+    load = ("tok = AutoTokenizer.from_pretrained(path, tokenizer_type='gpt2')" if has_tokenizer
             else "tok = AutoTokenizer.from_pretrained('openai-community/gpt2')  # GPT-2's BPE")
     lines = [
         "---", "library_name: transformers", "license: apache-2.0",

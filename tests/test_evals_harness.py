@@ -255,6 +255,7 @@ def _env(tmp_path):
                 TRANSFORMERS_OFFLINE="1", HF_DATASETS_CACHE=str(tmp_path / "datasets"))
 
 
+@pytest.mark.slow
 def test_missing_lm_eval_is_one_line(tmp_path):
     code = ("import sys, runpy; sys.modules['lm_eval'] = None; "
             "runpy.run_module('backpack_jax.evals.harness', run_name='__main__')")

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from backpack_jax import attribution, checkpoint, demo, generate, model, sense_table, senses, topic
+from backpack_jax import attribution, checkpoint, demo, generate, sense_table, senses, topic
 from backpack_jax.config import get_model_config
 from backpack_jax.tokenizer import get_tokenizer
 
@@ -36,12 +36,12 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, random_params):
     """A tiny random checkpoint, of 80 positions: texts pad to 16 or 64 tokens, prompts to 16
     or 32 (which leaves room for the demo's 48 new tokens)."""
     root = tmp_path_factory.mktemp("demo")
     config = dataclasses.replace(get_model_config("tiny"), n_positions=80)
-    params = model.init(config, jax.random.PRNGKey(0))
+    params = random_params(config, 0)
     checkpoint.save(root / "ckpt", params, config)
     return root, params, config
 

@@ -11,7 +11,6 @@ import re
 import subprocess
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -35,10 +34,9 @@ EOT = TOK.eot_id
 
 
 @pytest.fixture(scope="module")
-def params():
-    p = model.init(CONFIG, jax.random.PRNGKey(5))
+def params(random_params):
     # Real spread: embeddings and the sense network's output well above the init's 0.02.
-    return jax.tree.map(lambda x: x * 4.0 if x.ndim == 2 else x, p)
+    return random_params(CONFIG, 5, scale=4.0)
 
 
 @pytest.fixture(scope="module")

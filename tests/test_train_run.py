@@ -98,8 +98,7 @@ from backpack_jax.config import get_model_config
 from tests import train_helpers as th
 from train import optim, sharding, step
 from train.checkpoints import TrainCheckpoints
-cfg = get_config("tiny")
-cfg.update_from_flattened_dict({th.OVERRIDES!r})
+cfg = th.config()
 model_cfg = get_model_config(cfg)
 abstract = step.abstract_state(cfg, model_cfg, optim.make_optimizer(cfg))
 shardings = step.state_shardings(abstract, sharding.make_mesh((1, 1, 1)))

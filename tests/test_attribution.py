@@ -3,7 +3,6 @@ what removing that (position, sense) from alpha takes away."""
 
 import json
 
-import jax
 import numpy as np
 import pytest
 
@@ -14,10 +13,9 @@ CONFIG = get_model_config("tiny")
 
 
 @pytest.fixture(scope="module")
-def params():
+def params(random_params):
     # Scaled weights: logits of a few units, so the terms differ in sign and size.
-    return jax.tree.map(lambda x: x * 4.0 if x.ndim == 2 else x,
-                        model.init(CONFIG, jax.random.PRNGKey(3)))
+    return random_params(CONFIG, 3, scale=4.0)
 
 
 IDS = [464, 15849, 531, 326, 673, 373, 845]

@@ -38,6 +38,7 @@ def tiny():
     return config, ref, params, sense_table.build(params, config, chunk=4096)
 
 
+@pytest.mark.slow
 def test_cpu_parts_run_and_render(tiny):
     config, ref, params, table = tiny
     gemms = iter([90.0, 150.0])  # the GEMM rate measured before and after the one turn
@@ -85,6 +86,7 @@ def test_cpu_parts_run_and_render(tiny):
     assert not re.search(r"\bnan\b|\binf\b", table_md)
 
 
+@pytest.mark.slow
 def test_gpu_section_runs_on_cpu_with_small_shapes():
     results = gpu.run(quick=True, config_name="tiny", seq_len=16)
     assert [r["batch"] for r in results["forward"]] == [1, 8, 32]

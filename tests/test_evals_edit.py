@@ -3,7 +3,6 @@ computation from alpha and the senses, generation under the edit, and the comman
 
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -17,10 +16,9 @@ CONFIG = get_model_config("tiny")
 
 
 @pytest.fixture(scope="module")
-def params():
-    p = model.init(CONFIG, jax.random.PRNGKey(3))
+def params(random_params):
     # Real spread: the embeddings and sense network's output well above the init's 0.02.
-    return jax.tree.map(lambda x: x * 4.0 if x.ndim == 2 else x, p)
+    return random_params(CONFIG, 3, scale=4.0)
 
 
 def _pick(params, word_ids):

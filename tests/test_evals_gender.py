@@ -26,10 +26,9 @@ WORDS = ("nurse", "mechanic")
 
 
 @pytest.fixture(scope="module")
-def params():
-    p = model.init(CONFIG, jax.random.PRNGKey(3))
+def params(random_params):
     # Real spread: the embeddings and the sense network's output far above the init's 0.02.
-    return jax.tree.map(lambda x: x * 8.0 if x.ndim == 2 else x, p)
+    return random_params(CONFIG, 3, scale=8.0)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import re
 import subprocess
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -35,10 +34,9 @@ EOT = TOK.eot_id
 
 
 @pytest.fixture(scope="module")
-def params():
-    p = model.init(CONFIG, jax.random.PRNGKey(5))
+def params(random_params):
     # Real spread: embeddings and the sense network's output well above the init's 0.02.
-    return jax.tree.map(lambda x: x * 4.0 if x.ndim == 2 else x, p)
+    return random_params(CONFIG, 5, scale=4.0)
 
 
 @pytest.fixture(scope="module")
@@ -255,6 +253,7 @@ def _env(tmp_path):
                 TRANSFORMERS_OFFLINE="1", HF_DATASETS_CACHE=str(tmp_path / "datasets"))
 
 
+@pytest.mark.slow
 def test_missing_lm_eval_is_one_line(tmp_path):
     code = ("import sys, runpy; sys.modules['lm_eval'] = None; "
             "runpy.run_module('backpack_jax.evals.harness', run_name='__main__')")

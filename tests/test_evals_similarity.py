@@ -5,7 +5,6 @@ import json
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 from scipy.stats import spearmanr
@@ -54,10 +53,9 @@ def _write(directory, fmt, pairs, name=None):
 
 
 @pytest.fixture(scope="module")
-def params():
-    p = model.init(CONFIG, jax.random.PRNGKey(5))
+def params(random_params):
     # Real spread: embeddings and the sense network's weights well above the init's 0.02.
-    return jax.tree.map(lambda x: x * 4.0 if x.ndim == 2 else x, p)
+    return random_params(CONFIG, 5, scale=4.0)
 
 
 @pytest.fixture(scope="module")

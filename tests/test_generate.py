@@ -200,11 +200,10 @@ def test_text_stream_holds_back_partial_utf8():
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
+def tiny_checkpoint(tmp_path_factory, random_params):
     config = get_model_config("tiny")
     path = tmp_path_factory.mktemp("ckpt") / "tiny"
-    checkpoint.save(path, jax.jit(model.init, static_argnums=0)(config, jax.random.PRNGKey(0)),
-                    config)
+    checkpoint.save(path, random_params(config, 0), config)
     return path
 
 

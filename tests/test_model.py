@@ -68,8 +68,8 @@ def test_parity_through_every_layout(name, layout, tmp_path):
     _compare(f"{name}/{layout}", out.logits, out.contextualization, *_run_reference(ref, ids))
 
 
-@pytest.mark.parametrize("layout", ["safetensors", pytest.param("bin_aliases",
-                                                                 marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["safetensors", "bin_aliases"])
 def test_parity_backpack_gpt2_shape(full_size, layout, tmp_path):
     config, ref = full_size
     write_hf_checkpoint(tmp_path, ref.canonical_tensors(), config, layout)

@@ -24,10 +24,10 @@ def params():
 
 
 @pytest.fixture(scope="module")
-def tiny():
+def tiny(random_params):
     """The `tiny` preset with the GPT-2 vocabulary, saved like a converted model."""
     config = get_model_config("tiny")
-    return jax.jit(model.init, static_argnums=0)(config, jax.random.PRNGKey(0)), config
+    return random_params(config, 0), config
 
 
 @pytest.fixture(scope="module")

@@ -18,10 +18,9 @@ N_NEW = 8
 
 
 @pytest.fixture(scope="module")
-def params():
-    p = model.init(SMALL, jax.random.PRNGKey(2))
+def params(random_params):
     # Real spread: embeddings and sense vectors well above the init's 0.02.
-    return jax.tree.map(lambda x: x * 4.0 if x.ndim == 2 else x, p)
+    return random_params(SMALL, 2, scale=4.0)
 
 
 def embedding(params):

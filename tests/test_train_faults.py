@@ -11,10 +11,7 @@ import os
 import pathlib
 import re
 import shutil
-import signal
 import socket
-import subprocess
-import sys
 import time
 
 import jax
@@ -24,6 +21,7 @@ import pytest
 
 from backpack_jax import atomic, checkpoint
 from backpack_jax.config import get_config
+from tests import train_helpers as th
 from train import data, metrics
 from train.checkpoints import TrainCheckpoints, WriteFailed
 from train.eval import main as eval_main
@@ -31,12 +29,6 @@ from train.lock import LOCK_FILE, TIMEOUT_ENV, WorkdirBusy, WorkdirLock
 from train.run import ALLOW_DATA_CHANGE_ENV, FINGERPRINT, main, train
 from train.step import TrainState
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-STEPS = 12
-OVERRIDES = {"model.n_embd": 32, "model.n_layer": 1, "seq_len": 32, "batch_size": 4,
-             "steps": STEPS, "warmup_steps": 2, "log_every": 1, "eval_every": 100,
-             "eval_batches": 2, "checkpoint_every": 3}
-ARGS = ["--config=tiny"] + [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
 HOST = socket.gethostname()
 # `python -m train.run` whose writes into the checkpoint step argv[1] being saved go to /dev/full,
 # where the kernel answers ENOSPC. Orbax writes that step's JSON and metadata files with Python's
@@ -55,166 +47,79 @@ runpy.run_module("train.run", run_name="__main__", alter_sys=True)
 """
 
 
-def _run(workdir, cache, wait=True, entry=("-m", "train.run")):
-    proc = subprocess.Popen(
-        [sys.executable, *entry, *ARGS, f"--workdir={workdir}"], cwd=ROOT,
-        env=dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
-                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if not wait:
-        return proc
-    out, err = proc.communicate(timeout=300)
-    return proc.returncode, out, [line for line in re.split(r"[\r\n]", err)  # Not tqdm's bar.
-                                  if line and not line.startswith("train:")]
-
-
-def _varying_as_n(line):
-    """`line` with what differs between runs as N: heartbeat ages, and which array of a damaged
-    file fails first (its name and byte range)."""
-    line = re.sub(r'Error reading "[^"]+"', 'Error reading "N"', line)
-    line = re.sub(r"byte range \[\d+, \d+\)", "byte range [N, N)", line)
-    return re.sub(r"heartbeat \d+", "heartbeat N", line)
-
-
-def _files(workdir):
-    """Every file under `workdir` with its size and modification time."""
-    return {str(p.relative_to(workdir)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in pathlib.Path(workdir).rglob("*") if p.is_file()}
-
-
-def _steps(workdir):
-    return sorted(int(p.name) for p in (workdir / checkpoint.STEPS_DIR).iterdir()
-                  if p.name.isdigit())
-
-
-def _losses(workdir):
-    records = metrics.read_metrics(workdir)
-    assert [r["step"] for r in records] == list(range(1, STEPS + 1))  # Each step once.
-    return [(r["loss"], r.get("eval_loss")) for r in records]
-
-
-def _damage(workdir, step):
-    """Truncates the largest data file of a step's parameters, as a node dying mid-flush does."""
-    params = workdir / checkpoint.STEPS_DIR / str(step) / checkpoint.PARAMS_DIR
-    largest = max((p for p in params.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-    os.truncate(largest, 1000)
-
-
-def _dead_pid():
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
-
-
-def _write_lock(workdir, host, pid, heartbeat_age_s=0.0):
-    beat = time.time() - heartbeat_age_s
-    (workdir / LOCK_FILE).write_text(json.dumps({
-        "host": host, "pid": pid, "started": "2025-01-01T00:00:00+00:00",
-        "heartbeat": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(beat))}))
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("jax_cache")
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, cache):
-    """An uninterrupted run, stopped (SIGSTOP) after its first checkpoint while a second
-    `train.run` on its workdir is tried: (workdir, its lock, the second run's result, the
-    workdir's files before and after the second run)."""
-    workdir = tmp_path_factory.mktemp("reference")
-    first = _run(workdir, cache, wait=False)
-    deadline = time.time() + 300
-    while not (workdir / checkpoint.STEPS_DIR).is_dir() or not _steps(workdir):
-        assert first.poll() is None and time.time() < deadline, first.communicate()
-        time.sleep(0.02)
-    first.send_signal(signal.SIGSTOP)
-    try:
-        holder = json.loads((workdir / LOCK_FILE).read_text())
-        before = _files(workdir)
-        second = _run(workdir, cache)
-        after = _files(workdir)
-    finally:
-        first.send_signal(signal.SIGCONT)
-    out, err = first.communicate(timeout=300)
-    assert first.returncode == 0 and "done: step 12" in out, err
-    return workdir, holder, second, before, after
-
-
 @pytest.mark.slow
-def test_a_second_run_on_a_live_workdir_stops_at_once_and_writes_nothing(reference):
-    workdir, holder, (rc, out, err), before, after = reference
+def test_a_second_run_on_a_live_workdir_stops_at_once_and_writes_nothing(trained_run):
+    workdir, holder, (rc, out, err) = trained_run.workdir, trained_run.holder, trained_run.second
     assert rc == 2 and out == "", out
-    assert [_varying_as_n(line) for line in err] == [
+    assert [th.varying_as_n(line) for line in err] == [
         f"error: {workdir} is in use by another run (host {HOST}, pid {holder['pid']}, since "
         f"{holder['started']}, heartbeat N s ago); wait for it to end or use another --workdir"]
-    assert after == before
+    assert trained_run.after == trained_run.before
     assert not (workdir / LOCK_FILE).exists()  # The first run removed its lock at the end.
-    _losses(workdir)  # Only the first run logged: each step once.
+    th.losses(workdir)  # Only the first run logged: each step once.
 
 
 @pytest.mark.slow
 def test_damaged_latest_checkpoint_is_moved_aside_and_the_run_resumes_exactly(
-        reference, cache, tmp_path):
-    workdir = shutil.copytree(reference[0], tmp_path / "w")
-    _damage(workdir, STEPS)
-    damaged = _files(workdir / checkpoint.STEPS_DIR / str(STEPS))
-    dead = _dead_pid()
-    _write_lock(workdir, HOST, dead)  # The killed run's lock is still there.
-    rc, out, err = _run(workdir, cache)
-    assert rc == 0 and "resuming from step 9:" in out, (out, err)
-    aside = list((workdir / checkpoint.STEPS_DIR).glob(f"{STEPS}.damaged-*"))
+        trained_run, tmp_path):
+    workdir = shutil.copytree(trained_run.workdir, tmp_path / "w")
+    th.damage(workdir, th.STEPS)
+    damaged = th.files(workdir / checkpoint.STEPS_DIR / str(th.STEPS))
+    dead = th.dead_pid()
+    th.write_lock(workdir, HOST, dead)  # The killed run's lock is still there.
+    rc, out, err = th.run(workdir)
+    assert rc == 0 and "resuming from step 27:" in out, (out, err)
+    aside = list((workdir / checkpoint.STEPS_DIR).glob(f"{th.STEPS}.damaged-*"))
     assert len(aside) == 1 and len(err) == 2, err
-    assert [_varying_as_n(line) for line in err] == [
+    assert [th.varying_as_n(line) for line in err] == [
         f"warning: taking over {workdir / LOCK_FILE} from a run that ended without removing it: "
         f"host {HOST}, pid {dead}, since 2025-01-01T00:00:00+00:00, heartbeat N s ago",
-        f"warning: checkpoint step {STEPS} does not restore (OUT_OF_RANGE: Error reading "
+        f"warning: checkpoint step {th.STEPS} does not restore (OUT_OF_RANGE: Error reading "
         f'"N" in OCDBT database at local file '
-        f'"{workdir}/checkpoints/{STEPS}/params/": Requested byte range [N, N) is not valid for '
+        f'"{workdir}/checkpoints/{th.STEPS}/params/": Requested byte range [N, N) is not valid for '
         f"value of size 1000); moved it to {aside[0]}"]
-    assert _files(aside[0]).keys() == damaged.keys()  # Moved whole, not deleted.
-    assert _steps(workdir) == [6, 9, 12] and not (workdir / LOCK_FILE).exists()
-    assert _losses(workdir) == _losses(reference[0])
+    assert th.files(aside[0]).keys() == damaged.keys()  # Moved whole, not deleted.
+    assert th.steps(workdir) == [24, 27, 30] and not (workdir / LOCK_FILE).exists()
+    assert th.losses(workdir) == th.losses(trained_run.workdir)
 
 
 @pytest.mark.slow
-def test_no_checkpoint_restores_is_one_line_and_moves_nothing(reference, cache, tmp_path):
-    workdir = shutil.copytree(reference[0], tmp_path / "w")
-    for step in _steps(workdir):
-        _damage(workdir, step)
-    before = _files(workdir)
-    rc, out, err = _run(workdir, cache)
+def test_no_checkpoint_restores_is_one_line_and_moves_nothing(trained_run, tmp_path):
+    workdir = shutil.copytree(trained_run.workdir, tmp_path / "w")
+    for step in th.steps(workdir):
+        th.damage(workdir, step)
+    before = th.files(workdir)
+    rc, out, err = th.run(workdir)
     assert rc == 2 and out == "" and len(err) == 1, (out, err)
-    assert err[0].startswith(f"error: no checkpoint in {workdir}/checkpoints restores (steps 12, "
-                             "9, 6; step 12: OUT_OF_RANGE: Error reading"), err
+    assert err[0].startswith(f"error: no checkpoint in {workdir}/checkpoints restores (steps 30, "
+                             "27, 24; step 30: OUT_OF_RANGE: Error reading"), err
     assert err[0].endswith("nothing was moved: repair them, or use another --workdir"), err
-    assert _files(workdir) == before  # Not even the lock is left.
+    assert th.files(workdir) == before  # Not even the lock is left.
 
 
 @pytest.mark.slow
 def test_load_falls_back_to_the_newest_step_that_loads_and_moves_nothing(
-        reference, tmp_path, capfd):
-    workdir = shutil.copytree(reference[0], tmp_path / "w")
-    _damage(workdir, STEPS)
-    before = _files(workdir)
+        trained_run, tmp_path, capfd):
+    workdir = shutil.copytree(trained_run.workdir, tmp_path / "w")
+    th.damage(workdir, th.STEPS)
+    before = th.files(workdir)
     params, _ = checkpoint.load(workdir)
     err = capfd.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith(
-        f"warning: checkpoint step 12 of {workdir} does not load (OUT_OF_RANGE:"), err
-    assert err[0].endswith("; using step 9"), err
+        f"warning: checkpoint step 30 of {workdir} does not load (OUT_OF_RANGE:"), err
+    assert err[0].endswith("; using step 27"), err
     jax.tree.map(np.testing.assert_array_equal, params,
-                 checkpoint.load(workdir / checkpoint.STEPS_DIR / "9")[0])
-    assert _files(workdir) == before
+                 checkpoint.load(workdir / checkpoint.STEPS_DIR / "27")[0])
+    assert th.files(workdir) == before
 
-    for step in (6, 9):
-        _damage(workdir, step)
+    for step in (24, 27):
+        th.damage(workdir, step)
     with pytest.raises(SystemExit) as e:
         eval_main(["--checkpoint", str(workdir)])
     err = capfd.readouterr().err  # One line: no chatter from the abandoned reads.
     assert e.value.code == 2 and err.count("\n") == 1, err
     assert err.startswith(
-        f"error: no checkpoint step of {workdir} loads (steps 12, 9, 6; step 12: OUT_OF_RANGE")
+        f"error: no checkpoint step of {workdir} loads (steps 30, 27, 24; step 30: OUT_OF_RANGE")
 
 
 def test_lock_is_exclusive_refreshed_and_removed(tmp_path, monkeypatch):
@@ -233,7 +138,7 @@ def test_lock_is_exclusive_refreshed_and_removed(tmp_path, monkeypatch):
     assert json.loads((tmp_path / LOCK_FILE).read_text())["heartbeat"] != record["heartbeat"]
     with pytest.raises(WorkdirBusy) as e:
         WorkdirLock(tmp_path, timeout_s=1.0).acquire()
-    assert _varying_as_n(str(e.value)) == (
+    assert th.varying_as_n(str(e.value)) == (
         f"{tmp_path} is in use by another run (host {HOST}, pid {os.getpid()}, since "
         f"{record['started']}, heartbeat N s ago); wait for it to end or use another --workdir")
     first.check()
@@ -256,23 +161,23 @@ def test_a_full_disk_at_start_names_the_lock_and_leaves_nothing(tmp_path, monkey
 
 
 def test_stale_locks_are_taken_over_and_the_old_owner_stops(tmp_path, capsys):
-    _write_lock(tmp_path, "elsewhere", 1, heartbeat_age_s=20)  # Another host: its heartbeat.
+    th.write_lock(tmp_path, "elsewhere", 1, heartbeat_age_s=20)  # Another host: its heartbeat.
     with pytest.raises(WorkdirBusy, match="in use by another run .host elsewhere, pid 1, since"):
         WorkdirLock(tmp_path, timeout_s=30).acquire()
     lock = WorkdirLock(tmp_path, timeout_s=10)
     lock.acquire()
-    assert _varying_as_n(capsys.readouterr().err) == (
+    assert th.varying_as_n(capsys.readouterr().err) == (
         f"warning: taking over {tmp_path / LOCK_FILE} from a run that stopped its heartbeat "
         f"({TIMEOUT_ENV}=10 s): host elsewhere, pid 1, since 2025-01-01T00:00:00+00:00, "
         "heartbeat N s ago\n")
     # The old owner comes back (it looked stale) and takes the lock over: this run must stop.
-    _write_lock(tmp_path, "elsewhere", 1)
+    th.write_lock(tmp_path, "elsewhere", 1)
     deadline = time.time() + 10
     while lock.lost is None and time.time() < deadline:
         time.sleep(0.05)
     with pytest.raises(WorkdirBusy) as e:
         lock.check()
-    assert _varying_as_n(str(e.value)) == (
+    assert th.varying_as_n(str(e.value)) == (
         f"{tmp_path / LOCK_FILE} was taken over by another run (host elsewhere, pid 1, since "
         "2025-01-01T00:00:00+00:00, heartbeat N s ago); stopping without saving")
     lock.release()
@@ -281,9 +186,9 @@ def test_stale_locks_are_taken_over_and_the_old_owner_stops(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_full_disk_during_a_save_stops_in_one_line_and_the_run_resumes_exactly(
-        reference, cache, tmp_path):
+        trained_run, tmp_path):
     workdir = tmp_path / "w"
-    rc, out, err = _run(workdir, cache, entry=("-c", FULL_DISK, "6"))
+    rc, out, err = th.run(workdir, entry=("-c", FULL_DISK, "6"))
     # The save of step 6 fails in Orbax's commit thread; the run notices when it saves step 9.
     assert rc == 1 and out.startswith("starting:") and "Traceback" not in out, (out, err)
     assert err == ["error: saving checkpoint step 6 failed: [Errno 28] No space left on device; "
@@ -293,10 +198,10 @@ def test_full_disk_during_a_save_stops_in_one_line_and_the_run_resumes_exactly(
     assert not (workdir / LOCK_FILE).exists()
     assert [r["step"] for r in metrics.read_metrics(workdir)] == list(range(1, 10))
 
-    rc, out, err = _run(workdir, cache)
+    rc, out, err = th.run(workdir)
     assert rc == 0 and "resuming from step 3:" in out and err == [], (out, err)
-    assert _steps(workdir) == [6, 9, 12] and not list(workdir.glob("**/*.tmp"))
-    assert _losses(workdir) == _losses(reference[0])
+    assert th.steps(workdir) == [24, 27, 30] and not list(workdir.glob("**/*.tmp"))
+    assert th.losses(workdir) == th.losses(trained_run.workdir)
 
 
 def _tiny_state(step):
@@ -369,7 +274,7 @@ def _prepare(source, data_dir, documents, seed):
 def test_resuming_on_rebuilt_data_stops_in_one_line_unless_allowed(tmp_path, monkeypatch, capfd):
     data_dir, workdir = tmp_path / "tfds", tmp_path / "w"
     before = _prepare(tmp_path / "a", data_dir, documents=30, seed=0)
-    overrides = {**OVERRIDES, "steps": 4, "checkpoint_every": 2, "data": "faults",
+    overrides = {**th.OVERRIDES, "steps": 4, "checkpoint_every": 2, "data": "faults",
                  "data_dir": str(data_dir)}
     config = get_config("tiny")
     config.update_from_flattened_dict(overrides)
@@ -379,7 +284,7 @@ def test_resuming_on_rebuilt_data_stops_in_one_line_unless_allowed(tmp_path, mon
     after = _prepare(tmp_path / "b", data_dir, documents=36, seed=1)
     changes = "; ".join(f"split {s!r} had {before['splits'][s]} examples, now {after['splits'][s]}"
                         for s in ("heldout", "train"))
-    files = _files(workdir)
+    files = th.files(workdir)
     capfd.readouterr()
 
     with pytest.raises(SystemExit) as e:
@@ -389,7 +294,7 @@ def test_resuming_on_rebuilt_data_stops_in_one_line_unless_allowed(tmp_path, mon
     assert capfd.readouterr() == ("", f"error: the training data changed since step 2: {changes}; "
                                       f"set {ALLOW_DATA_CHANGE_ENV}=1 to resume on it, or use "
                                       "another --workdir\n")
-    assert _files(workdir) == files  # Nothing written.
+    assert th.files(workdir) == files  # Nothing written.
 
     monkeypatch.setenv(ALLOW_DATA_CHANGE_ENV, "1")
     train(config, workdir)

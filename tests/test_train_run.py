@@ -9,138 +9,76 @@ import itertools
 import json
 import math
 import os
-import pathlib
 import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import pytest
 
 from backpack_jax import checkpoint, hf, model
-from backpack_jax.config import get_config, get_model_config
+from backpack_jax.config import get_model_config
+from tests import train_helpers as th
 from train import data, metrics
 from train.loss import cross_entropy
 from train.run import TrainingDiverged, main, train
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 # A workdir written before the one-config change (see tests/fixtures/README.md).
-OLD_WORKDIR = ROOT / "tests" / "fixtures" / "tiny_workdir_caeb19e"
-STEPS = 30
-OVERRIDES = {"model.n_embd": 32, "model.n_layer": 1, "seq_len": 32, "batch_size": 4,
-             "steps": STEPS, "warmup_steps": 2, "log_every": 1, "eval_every": 15,
-             "eval_batches": 2, "checkpoint_every": 3}
-ARGS = ["--config=tiny"] + [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
-
-
-def _config(**changes):
-    cfg = get_config("tiny")
-    cfg.update_from_flattened_dict({**OVERRIDES, **changes})
-    return cfg
-
-
-def _env(cache):
-    # A shared compilation cache makes the restarted processes start faster.
-    return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-
-
-def _start(workdir, cache, extra_env=None, args=ARGS):
-    return subprocess.Popen([sys.executable, "-m", "train.run", *args, f"--workdir={workdir}"],
-                            cwd=ROOT, env={**_env(cache), **(extra_env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _finish(proc, timeout=300):
-    out, _ = proc.communicate(timeout=timeout)
-    return proc.returncode, out
-
-
-def _steps(workdir):
-    directory = pathlib.Path(workdir) / checkpoint.STEPS_DIR
-    return sorted(int(p.name) for p in directory.glob("*") if p.name.isdigit())
-
-
-def _wait_for_step_above(proc, workdir, step, timeout=300):
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if any(s > step for s in _steps(workdir)):
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"no checkpoint above {step} appeared; process ended: {proc.poll()}")
-
-
-def _losses(workdir):
-    return {r["step"]: (r["loss"], r.get("eval_loss")) for r in metrics.read_metrics(workdir)}
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("jax_cache")
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, cache):
-    workdir = tmp_path_factory.mktemp("uninterrupted")
-    rc, out = _finish(_start(workdir, cache))
-    assert rc == 0, out
-    return workdir, out
+OLD_WORKDIR = th.ROOT / "tests" / "fixtures" / "tiny_workdir_caeb19e"
 
 
 @pytest.mark.slow
-def test_run_logs_checkpoints_and_plots(uninterrupted):
-    workdir, out = uninterrupted
-    losses = _losses(workdir)
-    assert sorted(losses) == list(range(1, STEPS + 1))
+def test_run_logs_checkpoints_and_plots(trained_run):
+    workdir, out = trained_run.workdir, trained_run.out
+    losses = th.losses(workdir)
     assert losses[1][0] == pytest.approx(math.log(50264), abs=0.05)  # Near-uniform at init.
-    assert losses[STEPS][0] < losses[1][0] - 0.5, losses  # It learns.
-    assert losses[15][1] is not None and losses[STEPS][1] is not None
-    assert _steps(workdir) == [24, 27, 30]  # Keeps the last 3.
+    assert losses[th.STEPS][0] < losses[1][0] - 0.5, losses  # It learns.
+    assert losses[15][1] is not None and losses[th.STEPS][1] is not None
+    assert th.steps(workdir) == [24, 27, 30]  # Keeps the last 3.
     curve = workdir / metrics.CURVE_FILE
     assert curve.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert f"checkpoint: {workdir}/checkpoints/{STEPS}" in out and str(curve) in out
+    assert f"checkpoint: {workdir}/checkpoints/{th.STEPS}" in out and str(curve) in out
     params, cfg = checkpoint.load(workdir)  # The shared on-disk format reads a training run.
-    assert cfg == get_model_config(_config())
+    assert cfg == get_model_config(th.config())
     assert np.isfinite(params["backpack"]["gpt2_model"]["wte"]["embedding"]).all()
 
 
 @pytest.mark.slow
-def test_preempted_then_killed_run_resumes_with_the_same_losses(uninterrupted, cache, tmp_path):
+def test_preempted_then_killed_run_resumes_with_the_same_losses(trained_run, tmp_path):
     workdir = tmp_path / "resumed"
-    proc = _start(workdir, cache)
-    _wait_for_step_above(proc, workdir, 0)
+    proc = th.start(workdir)
+    th.wait_for_step_above(proc, workdir, 0)
     proc.send_signal(signal.SIGTERM)
-    rc, out = _finish(proc)
-    assert rc == 0 and "preempted (SIGTERM): saved step" in out, out
-    preempted_at = max(_steps(workdir))
-    assert preempted_at < STEPS, "the run ended before SIGTERM arrived; make it longer"
+    rc, out, err = th.finish(proc)
+    assert rc == 0 and "preempted (SIGTERM): saved step" in out, (out, err)
+    preempted_at = max(th.steps(workdir))
+    assert preempted_at < th.STEPS, "the run ended before SIGTERM arrived; make it longer"
 
-    proc = _start(workdir, cache)
-    _wait_for_step_above(proc, workdir, preempted_at)
+    proc = th.start(workdir)
+    th.wait_for_step_above(proc, workdir, preempted_at)
     proc.kill()  # SIGKILL: no chance to save; possibly in the middle of a checkpoint write.
     proc.wait()
-    killed_at = max(_steps(workdir))
-    assert killed_at < STEPS, "the run ended before SIGKILL arrived; make it longer"
+    killed_at = max(th.steps(workdir))
+    assert killed_at < th.STEPS, "the run ended before SIGKILL arrived; make it longer"
 
-    rc, out = _finish(_start(workdir, cache))
-    assert rc == 0 and f"resuming from step {killed_at}" in out, out
-    assert _losses(workdir) == _losses(uninterrupted[0])
+    rc, out, err = th.run(workdir)
+    assert rc == 0 and f"resuming from step {killed_at}" in out, (out, err)
+    assert th.losses(workdir) == th.losses(trained_run.workdir)
 
 
 @pytest.mark.slow
-def test_two_processes_log_the_same_losses_as_one(uninterrupted, cache, tmp_path):
+def test_two_processes_log_the_same_losses_as_one(trained_run, tmp_path):
     workdir = tmp_path / "two_processes"
-    procs = [_start(workdir, cache, {"JAX_COORDINATOR_ADDRESS": "localhost:23571",
-                                     "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)})
+    procs = [th.start(workdir, env={"JAX_COORDINATOR_ADDRESS": "localhost:23571",
+                                    "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)})
              for i in range(2)]
-    results = [_finish(p) for p in procs]
-    for rc, out in results:
-        assert rc == 0, out
+    results = [th.finish(p) for p in procs]
+    for rc, out, err in results:
+        assert rc == 0, (out, err)
     assert "on 2 cpu device(s)" in results[0][1]
-    one, two = _losses(uninterrupted[0]), _losses(workdir)
+    one, two = th.losses(trained_run.workdir), th.losses(workdir)
     assert sorted(two) == sorted(one)
     # The gradient is summed across two devices in another order: the first steps agree to
     # float32 rounding, later ones drift apart slowly as Adam amplifies the differences.
@@ -149,23 +87,23 @@ def test_two_processes_log_the_same_losses_as_one(uninterrupted, cache, tmp_path
 
 
 @pytest.mark.slow
-def test_interrupted_checkpoint_write_keeps_the_previous_one(uninterrupted, tmp_path):
+def test_interrupted_checkpoint_write_keeps_the_previous_one(trained_run, tmp_path):
     workdir = tmp_path / "interrupted"
-    shutil.copytree(uninterrupted[0], workdir)
+    shutil.copytree(trained_run.workdir, workdir)
     # Save step STEPS+1 in a child that dies just before Orbax's final rename (its commit).
     script = f"""
 import os, jax
 from orbax.checkpoint._src.path import atomicity
-from backpack_jax.config import get_config, get_model_config
+from backpack_jax.config import get_model_config
+from tests import train_helpers as th
 from train import optim, sharding, step
 from train.checkpoints import TrainCheckpoints
-cfg = get_config("tiny")
-cfg.update_from_flattened_dict({OVERRIDES!r})
+cfg = th.config()
 model_cfg = get_model_config(cfg)
 abstract = step.abstract_state(cfg, model_cfg, optim.make_optimizer(cfg))
 shardings = step.state_shardings(abstract, sharding.make_mesh((1, 1, 1)))
 ckpts = TrainCheckpoints({str(workdir)!r}, 3)
-state, data_state = ckpts.restore({STEPS}, abstract, shardings)
+state, data_state = ckpts.restore({th.STEPS}, abstract, shardings)
 state = state.replace(step=state.step + 1, params=jax.tree.map(lambda p: p + 1.0, state.params))
 
 async def die(self):
@@ -174,38 +112,38 @@ atomicity.AtomicRenameTemporaryPath.finalize = die
 ckpts.save(state, data_state)
 ckpts.wait_until_finished()
 """
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", script], cwd=th.ROOT, capture_output=True,
                           text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert proc.returncode == 17, proc.stderr[-3000:]
-    partial = list((workdir / checkpoint.STEPS_DIR).glob(f"{STEPS + 1}.orbax-checkpoint-tmp*"))
+    partial = list((workdir / checkpoint.STEPS_DIR).glob(f"{th.STEPS + 1}.orbax-checkpoint-tmp*"))
     # The arrays were written (each item has its own tmp dir inside), but nothing committed.
     assert partial and list(partial[0].glob("params*/_METADATA")), "not interrupted mid-way"
-    assert _steps(workdir) == [24, 27, 30]
+    assert th.steps(workdir) == [24, 27, 30]
     loaded, _ = checkpoint.load(workdir)
-    previous, _ = checkpoint.load(uninterrupted[0])
+    previous, _ = checkpoint.load(trained_run.workdir)
     jax.tree.map(np.testing.assert_array_equal, loaded, previous)
 
 
 @pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    cfg = _config(lr=1e12, warmup_steps=0, checkpoint_every=1, steps=8, eval_every=100)
+    cfg = th.config(lr=1e12, warmup_steps=0, checkpoint_every=1, steps=8, eval_every=100)
     with pytest.raises(TrainingDiverged) as e:
         train(cfg, tmp_path)
     message = str(e.value)
     bad = int(message.split(" at step ")[1].split(";")[0])
     assert ("loss is nan" in message or "loss is inf" in message) and bad > 1, message
-    assert _steps(tmp_path) == list(range(1, bad)), message
+    assert th.steps(tmp_path) == list(range(1, bad)), message
     assert f"last good checkpoint is {tmp_path}/checkpoints/{bad - 1}" in message
     params, _ = checkpoint.load(tmp_path)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
 @pytest.mark.slow
-def test_init_from_a_converted_model(uninterrupted, tmp_path):
-    params, model_cfg = checkpoint.load(uninterrupted[0])
+def test_init_from_a_converted_model(trained_run, tmp_path):
+    params, model_cfg = checkpoint.load(trained_run.workdir)
     converted = tmp_path / "converted"
     checkpoint.save(converted, params, model_cfg)
-    cfg = _config(steps=1, warmup_steps=0, eval_every=100)
+    cfg = th.config(steps=1, warmup_steps=0, eval_every=100)
     summary = train(cfg, tmp_path / "finetune", init_from=str(converted))
     batch = next(data.make_batches(None, data.TRAIN, seq_len=cfg.seq_len,
                                    batch_size=cfg.batch_size, seed=cfg.seed))
@@ -215,13 +153,13 @@ def test_init_from_a_converted_model(uninterrupted, tmp_path):
     assert expected < math.log(50264) - 0.5  # Far from a fresh model's loss.
 
     with pytest.raises(ValueError, match="n_layer"):
-        train(_config(**{"model.n_layer": 2}), tmp_path / "mismatch", init_from=str(converted))
+        train(th.config(**{"model.n_layer": 2}), tmp_path / "mismatch", init_from=str(converted))
 
 
 @pytest.mark.slow
-def test_eval_cli_reproduces_the_logged_heldout_loss(uninterrupted, capsys, tmp_path):
-    workdir, _ = uninterrupted
-    logged = _losses(workdir)[STEPS][1]
+def test_eval_cli_reproduces_the_logged_heldout_loss(trained_run, capsys, tmp_path):
+    workdir = trained_run.workdir
+    logged = th.losses(workdir)[th.STEPS][1]
     from train import eval as train_eval
     result = train_eval.main(["--checkpoint", str(workdir), "--batches", "2", "--batch_size",
                               "4", "--seq_len", "32"])
@@ -285,11 +223,12 @@ def _one_line_error(entry_point, argv, capsys):
     return message.rstrip("\n")
 
 
+@pytest.mark.slow
 def test_missing_openwebtext_is_one_line_and_writes_nothing(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "train.run", "--config=gpt2_small",
          f"--config.data_dir={tmp_path}", f"--workdir={tmp_path / 'w'}"],
-        cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+        cwd=th.ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
         timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.splitlines()[-1].startswith(
@@ -298,7 +237,7 @@ def test_missing_openwebtext_is_one_line_and_writes_nothing(tmp_path):
 
 
 def test_bad_init_from_is_one_line(tmp_path, capsys):
-    args = ARGS + [f"--workdir={tmp_path / 'w'}"]
+    args = th.ARGS + [f"--workdir={tmp_path / 'w'}"]
     message = _one_line_error(main, args + [f"--init_from={tmp_path / 'nothing'}"], capsys)
     assert message == f"error: checkpoint path {tmp_path / 'nothing'} does not exist"
     message = _one_line_error(main, args + [f"--init_from={OLD_WORKDIR}"], capsys)

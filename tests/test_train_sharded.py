@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # A subprocess with 8 simulated devices.
+
 STEPS = 3
 VOCAB = 512
 

@@ -93,6 +93,7 @@ def test_remat_wraps_each_transformer_block(remat):
     assert jaxpr.count("remat2[") == (model_cfg.n_layer if remat == "full" else 0)
 
 
+@pytest.mark.slow
 def test_gpt2_small_train_step_lowers():
     """The paper-size preset builds: 170.08M parameters, 1024 x 512 tokens in 64 micro-batches."""
     cfg = get_config("gpt2_small")

@@ -243,8 +243,7 @@ def _writing(path: pathlib.Path, ckpts: TrainCheckpoints) -> Iterator[None]:
 
 
 class _Log:
-    """Per-step bookkeeping: the divergence check, throughput, held-out evaluations,
-    metrics.jsonl and the progress bar."""
+    """Per-step bookkeeping: throughput, metrics.jsonl and the progress bar."""
 
     def __init__(self, run: _Run, start: int) -> None:
         config = run.config
@@ -261,22 +260,21 @@ class _Log:
                         disable=not self.primary, dynamic_ncols=True)
         self.clock = (time.perf_counter(), start)
 
-    def step(self, step: int, metrics: dict[str, jax.Array], params: Any) -> None:
-        """Records `step` (its metrics still on device); evaluates `params` when it is due."""
-        config, ckpts = self.run.config, self.run.ckpts
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not math.isfinite(metrics["loss"]):
-            ckpts.wait_until_finished()
-            good = ckpts.latest_step()
-            raise TrainingDiverged(
-                f"loss is {metrics['loss']} at step {step}; stopping without saving. " + (
-                    f"The last good checkpoint is {ckpts.directory / str(good)}"
-                    if good is not None else "No checkpoint was saved before it."))
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Leaves the time spent inside (an evaluation) out of the throughput."""
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.clock = (self.clock[0] + time.perf_counter() - began, self.clock[1])
+
+    def step(self, step: int, metrics: dict[str, float], eval_loss: float | None = None) -> None:
+        """Records `step`: every `log_every` steps, and whenever it comes with an evaluation."""
         self.bar.update(step - self.bar.n)
         if step == self.start + 1:
             self.clock = (time.perf_counter(), step)  # Throughput excludes compilation.
-        evaluate = step % config.eval_every == 0 or step == config.steps
-        if step % config.log_every and not evaluate:
+        if step % self.run.config.log_every and eval_loss is None:
             return
         now = time.perf_counter()
         seconds, steps = now - self.clock[0], step - self.clock[1]
@@ -287,19 +285,37 @@ class _Log:
             if self.peak is not None:
                 record["mfu"] = (self.flops_per_step * steps / seconds
                                  / (self.peak * jax.device_count()))
-        if evaluate:
-            record["eval_loss"], _ = heldout_loss(
-                self.run.eval_step, params, self.run.mesh, config.data, seq_len=config.seq_len,
-                batch_size=config.batch_size, max_batches=config.eval_batches,
-                data_dir=config.data_dir)
-            record["eval_ppl"] = math.exp(record["eval_loss"])
-            self.last_eval = record["eval_loss"]
-            self.clock = (time.perf_counter(), step)  # Throughput excludes evaluation.
-        with _writing(self.metrics.path, ckpts):
+        if eval_loss is not None:
+            record["eval_loss"], record["eval_ppl"] = eval_loss, math.exp(eval_loss)
+            self.last_eval = eval_loss
+        with _writing(self.metrics.path, self.run.ckpts):
             self.metrics.write(record)
         self.bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "lr", "tokens_per_s",
                                                                "mfu", "eval_loss")
                               if k in record}, refresh=False)
+
+
+def _read_metrics(step: int, metrics: dict[str, jax.Array], ckpts: TrainCheckpoints
+                  ) -> dict[str, float]:
+    """`step`'s metrics on the host; a non-finite loss stops the run (TrainingDiverged)."""
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not math.isfinite(metrics["loss"]):
+        ckpts.wait_until_finished()
+        good = ckpts.latest_step()
+        raise TrainingDiverged(
+            f"loss is {metrics['loss']} at step {step}; stopping without saving. " + (
+                f"The last good checkpoint is {ckpts.directory / str(good)}"
+                if good is not None else "No checkpoint was saved before it."))
+    return metrics
+
+
+def _evaluate(run: _Run, params: Any) -> float:
+    """Held-out loss of `params` on the config's first `eval_batches` batches."""
+    config = run.config
+    loss, _ = heldout_loss(run.eval_step, params, run.mesh, config.data, seq_len=config.seq_len,
+                           batch_size=config.batch_size, max_batches=config.eval_batches,
+                           data_dir=config.data_dir)
+    return loss
 
 
 def _loop(run: _Run) -> dict[str, Any]:
@@ -321,13 +337,20 @@ def _loop(run: _Run) -> dict[str, Any]:
             batch = global_batch(next(run.batches), run.mesh, config.batch_size)
             state, metrics = run.train_step(state, batch)
             if pending is not None:
-                log.step(*pending, state.params)
-            pending = (step, metrics)
+                log.step(pending[0], _read_metrics(*pending, ckpts))
+                pending = None
             preempted = preemption.reached(step)
             save = step % config.checkpoint_every == 0 or step == config.steps or preempted
-            if save or step % config.eval_every == 0:  # Both need this step's state now.
-                log.step(*pending, state.params)
-                pending = None
+            evaluate = step % config.eval_every == 0 or step == config.steps
+            if save or evaluate:  # Both need this step's state, so its metrics are read now.
+                metrics = _read_metrics(step, metrics, ckpts)
+                eval_loss = None
+                if evaluate:
+                    with log.paused():
+                        eval_loss = _evaluate(run, state.params)
+                log.step(step, metrics, eval_loss)
+            else:
+                pending = (step, metrics)
             if save:
                 saved_step = ckpts.save(state, {**run.batches.get_state(),
                                                 FINGERPRINT: run.fingerprint})
@@ -337,8 +360,6 @@ def _loop(run: _Run) -> dict[str, Any]:
                     print(f"preempted (SIGTERM): saved step {step} in {ckpts.directory}; run the "
                           "same command to resume", flush=True)
                 return {"step": step, "preempted": True}
-        if pending is not None:
-            log.step(*pending, state.params)
         ckpts.wait_until_finished()  # A failed last save stops the run here, before the summary.
         curve = None
         if log.primary:

@@ -23,7 +23,6 @@ from backpack_jax import (
     demo,
     generate,
     interventions,
-    model,
     sense_table,
     senses,
     topic,

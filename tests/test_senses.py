@@ -3,7 +3,6 @@ the parameters; plus the CLI and its errors."""
 
 import json
 
-import jax
 import numpy as np
 import pytest
 

@@ -9,8 +9,8 @@ import torch
 from backpack_jax import checkpoint, generate, model, senses
 from backpack_jax.config import get_model_config
 from backpack_jax.tokenizer import get_tokenizer
-from bench.torch_reference import random_reference
 from convert import from_state_dict
+from tests.torch_reference import random_reference
 
 CONFIG = get_model_config("tiny").replace(vocab_size=512, bos_token_id=0, eos_token_id=0)
 PROMPTS = [[5, 17, 300, 42, 9, 101, 7], [250, 3], [77, 410, 12, 64]]
@@ -24,8 +24,7 @@ def reference():
 
 @pytest.fixture(scope="module")
 def params(reference):
-    return from_state_dict({k: v.detach().numpy() for k, v in reference.state_dict().items()},
-                           CONFIG)
+    return from_state_dict(reference.tensors, CONFIG)
 
 
 def relative_error(a, b):

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from backpack_jax import model, xla_cpu
-from bench.torch_reference import random_reference
 from convert import from_state_dict
 from tests.hf_checkpoints import TEST_CONFIGS
+from tests.torch_reference import random_reference
 from train.loss import cross_entropy
 
 # float32: the forms differ only in the order of sums.
@@ -27,7 +27,7 @@ RTOL = 2e-6
 def _odd():
     config = TEST_CONFIGS["odd"]
     reference = random_reference(config, seed=3)
-    return config, reference, from_state_dict(reference.canonical_tensors(), config)
+    return config, reference, from_state_dict(reference.tensors, config)
 
 
 def _ids(config, batch, seq, seed=0):

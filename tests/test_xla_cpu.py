@@ -161,7 +161,7 @@ def test_apply_runs_rows_in_chunks_only_for_inference_with_xla_cpu_kernels(chunk
 
     def loops(**kwargs):
         jaxpr = jax.make_jaxpr(lambda: model.apply(params, ids, config, **kwargs))()
-        return "while[" in str(jaxpr)
+        return " scan[" in str(jaxpr)  # lax.map over the chunks
 
     assert loops(kernels=model.XLA_CPU)
     assert not loops(kernels=model.PLAIN)

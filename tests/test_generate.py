@@ -19,7 +19,9 @@ N_NEW = 10  # one length budget for every batch of PROMPTS: compiled once
 
 @pytest.fixture(scope="module")
 def reference():
-    return random_reference(CONFIG, seed=0)
+    """Seed 1: the first prompt's next-token distribution has the several likely tokens that the
+    sampling test needs."""
+    return random_reference(CONFIG, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +72,7 @@ def test_padded_rows_give_the_same_tokens_as_each_prompt_alone(params):
     for b, prompt in enumerate(PROMPTS):
         alone = generate.generate(params, CONFIG, [prompt], N_NEW, return_logits=True)
         np.testing.assert_array_equal(alone.new_tokens[0], batch.new_tokens[b])
-        np.testing.assert_allclose(alone.logits[0], batch.logits[b], rtol=1e-5, atol=1e-5)
+        assert relative_error(alone.logits[0], batch.logits[b]) < 1e-5
 
 
 def test_greedy_tokens_equal_pytorch_reference_greedy_loop(params, reference):

@@ -64,11 +64,10 @@ class DecodeCache:
     def zeros(cls, config: BackpackConfig, batch: int, length: int,
               dtype: Any = jnp.float32) -> DecodeCache:
         kv_BHxTxE = jnp.zeros((batch * config.n_head, length, config.head_dim), dtype)
-        return cls(keys=(kv_BHxTxE,) * config.n_layer, values=(kv_BHxTxE,) * config.n_layer,
-                   sense_keys_BKxTxE=jnp.zeros(
-                       (batch * config.num_senses, length, config.sense_head_dim), dtype),
-                   senses_BKxTxD=jnp.zeros(
-                       (batch * config.num_senses, length, config.n_embd), dtype))
+        BK = batch * config.num_senses
+        return cls((kv_BHxTxE,) * config.n_layer, (kv_BHxTxE,) * config.n_layer,
+                   jnp.zeros((BK, length, config.sense_head_dim), dtype),
+                   jnp.zeros((BK, length, config.n_embd), dtype))
 
     @property
     def length(self) -> int:
@@ -79,7 +78,8 @@ class DecodeCache:
         """This cache after a call whose S new positions start at `index`: each GPT-2 layer's
         buffers `kv` (every attention writes its own, as it reads them at once) and the new
         weight-network keys and sense vectors, written here."""
-        return self.replace(keys=tuple(k for k, _ in kv), values=tuple(v for _, v in kv),
+        keys, values = zip(*kv, strict=True)
+        return self.replace(keys=keys, values=values,
                             sense_keys_BKxTxE=write_at(self.sense_keys_BKxTxE, sense_keys_BKxSxE,
                                                        index),
                             senses_BKxTxD=write_at(self.senses_BKxTxD, senses_BKxSxD, index))
@@ -237,11 +237,8 @@ class Attention(Layer):
         if kv is not None:
             kv = (write_at(kv[0], k_BHxTxE, cache_index), write_at(kv[1], v_BHxTxE, cache_index))
             k_BHxTxE, v_BHxTxE = kv
-        scale = 1.0
-        if cfg.scale_attn_weights:
-            scale /= math.sqrt(cfg.head_dim)
-        if cfg.scale_attn_by_inverse_layer_idx:
-            scale /= self.layer_idx + 1
+        scale = (1 / math.sqrt(cfg.head_dim) if cfg.scale_attn_weights else 1.0) / (
+            self.layer_idx + 1 if cfg.scale_attn_by_inverse_layer_idx else 1)
         scores_BxHxSxT = _scores(q_BHxSxE, k_BHxTxE.astype(self.dtype), B) * scale
         scores_BxHxSxT = jnp.where(attend_BxSxT[:, None], scores_BxHxSxT,
                                    jnp.finfo(jnp.float32).min)

@@ -246,8 +246,8 @@ class Attention(Layer):
         probs_BHxSxT = self.dropout(cfg.attn_pdrop)(probs_BxHxSxT, not train).reshape(B * H, S, -1)
         out_BHxSxE = jnp.einsum("nst,nte->nse", probs_BHxSxT.astype(self.dtype),
                                 v_BHxTxE.astype(self.dtype), preferred_element_type=jnp.float32)
-        out_BxSxD = out_BHxSxE.astype(self.dtype).reshape(B, H, S, -1).transpose(0, 2, 1, 3)
-        out_BxSxD = self.dense(D, "c_proj", output_proj=True)(out_BxSxD.reshape(B, S, D))
+        out_BxSxHxE = out_BHxSxE.astype(self.dtype).reshape(B, H, S, -1).transpose(0, 2, 1, 3)
+        out_BxSxD = self.dense(D, "c_proj", output_proj=True)(out_BxSxHxE.reshape(B, S, D))
         return self.dropout(cfg.resid_pdrop)(out_BxSxD, not train), kv
 
 
@@ -374,9 +374,10 @@ class Backpack(Layer):
 
 
 class BackpackLM(nn.Module):
-    """The Backpack LM: a weighted sum of sense vectors, then the tied LM head (as HF's
-    BackpackGPT2LMHeadModel, whose only child is `backpack`). `kernels=None` takes those of JAX's
-    default backend (`kernels_for`)."""
+    """The Backpack LM: a weighted sum of sense vectors, then the tied LM head. Like HF's
+    BackpackGPT2LMHeadModel it combines the networks of its one child, `backpack`, so parameter
+    paths (and Flax's random draws, derived from them) are HF's. `kernels=None` takes those of
+    JAX's default backend (`kernels_for`)."""
 
     config: BackpackConfig
     dtype: Any = jnp.float32
@@ -400,7 +401,8 @@ class BackpackLM(nn.Module):
 
         `alpha_BxKxSxT` replaces the weight network's (HF's run_with_custom_contextualization).
         """
-        edit, gpt2 = sense_edit or SenseEdit(), self.backpack.gpt2_model
+        edit = SenseEdit() if sense_edit is None else sense_edit
+        gpt2 = self.backpack.gpt2_model
         h_BxSxD, kv = gpt2(input_ids_BxS, position_ids_BxS, attend_BxSxT, train, cache,
                            cache_index)
         senses_BKxSxD = _fold(edit.edit(input_ids_BxS, self.senses(input_ids_BxS, train)))

@@ -1,22 +1,18 @@
 """Backpack-GPT2 (Hewitt et al., ACL 2023) in Flax linen, and the `init` / `apply` users call.
 
-The paper's model, in the order of this file: a GPT-2 Transformer contextualizes the input; the
-sense network maps each word to K sense vectors C(x); the weight network turns the Transformer's
-states into K causal weight matrices alpha; each position's output is
-o_i = sum_l sum_j alpha[l, i, j] C(x_j)_l, and the logits are E o_i with E the tied word
-embeddings (no bias, no final LayerNorm, no division by K). A `SenseEdit` may rewrite the
-sense vectors and rescale alpha (the paper's interventions, senses.py and topic.py).
+In the paper's order: a GPT-2 Transformer contextualizes the input; the sense network maps each
+word to K sense vectors C(x); the weight network turns the Transformer's states into K causal
+weight matrices alpha; position i's output is o_i = sum_l sum_j alpha[l, i, j] C(x_j)_l and its
+logits are E o_i, E the tied word embeddings (no bias, no final LayerNorm, no division by K). A
+`SenseEdit` (edits.py) may rewrite the sense vectors and the weights that replace alpha.
 
-The parameter tree mirrors the Hugging Face module tree (`backpack/gpt2_model/h_3/attn/c_attn`
-is `backpack.gpt2_model.h.3.attn.c_attn`), so the converter's name table reads like a table.
+The parameter tree mirrors HF's module tree (`backpack/gpt2_model/h_3/attn/c_attn` is
+`backpack.gpt2_model.h.3.attn.c_attn`), so the converter's name table reads like a table.
 
-One code path serves the full forward pass and cached decoding: every attention takes queries
-for the new positions and keys for all positions it may see (`attend_BxSxT`); with a
-`DecodeCache` the new keys, values and sense vectors are first written into fixed-size buffers
-at `cache_index`. The full pass is the special case T = S with no cache.
-
-A few operations have faster forms on some backends with the same math (`Kernels`): the plain
-forms are here, XLA:CPU's in xla_cpu.py, and `kernels_for` is the one place that chooses.
+One code path serves the full pass and cached decoding: every attention takes queries for the S
+new positions and keys for the T positions it may see (`attend_BxSxT`); a `DecodeCache` holds
+them in fixed-size buffers. The full pass is the case T = S with no cache. A few operations have
+faster forms on some backends (`Kernels`): the plain forms are here, XLA:CPU's in xla_cpu.py.
 """
 
 from __future__ import annotations
@@ -46,7 +42,7 @@ WEIGHT_NET_MASK_VALUE = -10000.0
 class BackpackOutput:
     logits: jax.Array  # [B, S, V], float32
     contextualization: jax.Array | None = None  # [B, K, S, T] alpha (before any reweight)
-    senses: jax.Array | None = None  # [B, K, T, D] sense vectors, when asked
+    senses: jax.Array | None = None  # [B, K, T, D] sense vectors, as edited
 
 
 @flax.struct.dataclass
@@ -68,15 +64,30 @@ class DecodeCache:
     def zeros(cls, config: BackpackConfig, batch: int, length: int,
               dtype: Any = jnp.float32) -> DecodeCache:
         kv_BHxTxE = jnp.zeros((batch * config.n_head, length, config.head_dim), dtype)
-        return cls(keys=(kv_BHxTxE,) * config.n_layer, values=(kv_BHxTxE,) * config.n_layer,
-                   sense_keys_BKxTxE=jnp.zeros(
-                       (batch * config.num_senses, length, config.sense_head_dim), dtype),
-                   senses_BKxTxD=jnp.zeros(
-                       (batch * config.num_senses, length, config.n_embd), dtype))
+        BK = batch * config.num_senses
+        return cls((kv_BHxTxE,) * config.n_layer, (kv_BHxTxE,) * config.n_layer,
+                   jnp.zeros((BK, length, config.sense_head_dim), dtype),
+                   jnp.zeros((BK, length, config.n_embd), dtype))
 
     @property
     def length(self) -> int:
         return self.senses_BKxTxD.shape[1]
+
+    def write(self, index: jax.Array | int, kv: list[tuple[jax.Array, jax.Array]],
+              sense_keys_BKxSxE: jax.Array, senses_BKxSxD: jax.Array) -> DecodeCache:
+        """This cache after a call whose S new positions start at `index`: each GPT-2 layer's
+        buffers `kv` (every attention writes its own, as it reads them at once) and the new
+        weight-network keys and sense vectors, written here."""
+        keys, values = zip(*kv, strict=True)
+        return self.replace(keys=keys, values=values,
+                            sense_keys_BKxTxE=write_at(self.sense_keys_BKxTxE, sense_keys_BKxSxE,
+                                                       index),
+                            senses_BKxTxD=write_at(self.senses_BKxTxD, senses_BKxSxD, index))
+
+
+def write_at(buffer: jax.Array, new: jax.Array, index: jax.Array | int) -> jax.Array:
+    """Writes `new` into a cache buffer along its time axis (1) starting at `index`."""
+    return jax.lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), (0, index, 0))
 
 
 # ------------------------------------------------------------------------------ kernels
@@ -111,13 +122,11 @@ class Kernels:
     residual: Callable = lambda x_BxSxD: x_BxSxD  # marks the residual stream before a LayerNorm
     sense_sum: Callable = _plain_sense_sum  # (alpha, senses, dtype) -> o [B, S, D]
     lm_head: Callable = _plain_lm_head  # (o [B, S, D], E [V, D]) -> float32 logits [B, S, V]
-    batch_forward: Callable = lambda forward, batch, seq_len: forward  # runs an inference batch
 
 
 PLAIN = Kernels()
 XLA_CPU = Kernels(matmul=xla_cpu.matmul, keep_mask=xla_cpu.keep_mask, residual=xla_cpu.residual,
-                  sense_sum=xla_cpu.sense_sum, lm_head=xla_cpu.lm_head,
-                  batch_forward=xla_cpu.in_row_chunks)
+                  sense_sum=xla_cpu.sense_sum, lm_head=xla_cpu.lm_head)
 
 
 def kernels_for(platform: str) -> Kernels:
@@ -158,43 +167,45 @@ class Dropout(nn.Module):
         return jnp.where(keep, x / keep_prob, 0.0).astype(x.dtype)
 
 
-def _layer_norm(config: BackpackConfig, name: str) -> nn.LayerNorm:
-    """LayerNorm in float32 whatever the compute dtype, with torch's two-pass variance."""
-    return nn.LayerNorm(epsilon=config.layer_norm_epsilon, dtype=jnp.float32,
-                        param_dtype=jnp.float32, use_fast_variance=False, name=name)
-
-
-def _output_proj_std(config: BackpackConfig) -> float:
-    """Init std of each residual-branch output projection (every MLP's c_proj, attn.c_proj)."""
-    return config.initializer_range / math.sqrt(2 * config.n_layer)
-
-
-class MLP(nn.Module):
-    """c_fc -> gelu_new -> c_proj -> dropout, as every MLP in the HF model."""
+class Layer(nn.Module):
+    """A part of the model: its config, compute dtype and kernels (the fields every part has)."""
 
     config: BackpackConfig
-    hidden: int
-    out: int
     dtype: Any
     kernels: Kernels
 
+    def dense(self, features: int, name: str, output_proj: bool = False) -> Dense:
+        """A Dense layer; a residual branch's output projection (`output_proj`) starts smaller,
+        as GPT-2's, by 1 / sqrt(2 n_layer)."""
+        std = self.config.initializer_range
+        if output_proj:
+            std /= math.sqrt(2 * self.config.n_layer)
+        return Dense(features, std, self.dtype, self.kernels, name=name)
+
+    def dropout(self, rate: float) -> Dropout:
+        return Dropout(rate, self.kernels)
+
+    def layer_norm(self, name: str) -> nn.LayerNorm:
+        """LayerNorm in float32 whatever the compute dtype, with torch's two-pass variance."""
+        return nn.LayerNorm(epsilon=self.config.layer_norm_epsilon, dtype=jnp.float32,
+                            param_dtype=jnp.float32, use_fast_variance=False, name=name)
+
+
+class MLP(Layer):
+    """c_fc -> gelu_new -> c_proj -> dropout, as every MLP in the HF model."""
+
+    hidden: int
+    out: int
+
     @nn.compact
     def __call__(self, x_BxSxD: jax.Array, train: bool) -> jax.Array:
-        cfg, kernels = self.config, self.kernels
-        h_BxSxF = Dense(self.hidden, cfg.initializer_range, self.dtype, kernels, name="c_fc")(
-            x_BxSxD)
+        h_BxSxF = self.dense(self.hidden, "c_fc")(x_BxSxD)
         h_BxSxF = jax.nn.gelu(h_BxSxF, approximate=True)  # gelu_new is the tanh approximation.
-        out_BxSxO = Dense(self.out, _output_proj_std(cfg), self.dtype, kernels, name="c_proj")(
-            h_BxSxF)
-        return Dropout(cfg.resid_pdrop, kernels)(out_BxSxO, not train)
+        out_BxSxO = self.dense(self.out, "c_proj", output_proj=True)(h_BxSxF)
+        return self.dropout(self.config.resid_pdrop)(out_BxSxO, not train)
 
 
 # ------------------------------------------------------------------- the GPT-2 Transformer
-
-def _write(buffer: jax.Array, new: jax.Array, index: jax.Array | int) -> jax.Array:
-    """Writes `new` into a cache buffer along its time axis (1) starting at `index`."""
-    return jax.lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), (0, index, 0))
-
 
 def _fold(x_BxSxHxE: jax.Array) -> jax.Array:
     """[B, S, H, E] -> [BH, S, E]: one leading axis for batch and heads (or senses)."""
@@ -209,78 +220,58 @@ def _scores(q_BHxSxE: jax.Array, k_BHxTxE: jax.Array, batch: int) -> jax.Array:
     return scores_BHxSxT.reshape(batch, -1, *scores_BHxSxT.shape[1:])
 
 
-def _mix(p_BxHxSxT: jax.Array, v_BHxTxE: jax.Array, dtype: Any) -> jax.Array:
-    """Per head, the p-weighted sum of values over positions: [B, H, S, E]."""
-    B, H, S, T = p_BxHxSxT.shape
-    out_BHxSxE = jnp.einsum("nst,nte->nse", p_BxHxSxT.reshape(B * H, S, T).astype(dtype),
-                            v_BHxTxE.astype(dtype), preferred_element_type=jnp.float32)
-    return out_BHxSxE.reshape(B, H, S, -1)
-
-
-class Attention(nn.Module):
+class Attention(Layer):
     """GPT-2 causal self-attention, optionally reading and writing a KV cache."""
 
-    config: BackpackConfig
     layer_idx: int
-    dtype: Any
-    kernels: Kernels
 
     @nn.compact
     def __call__(self, x_BxSxD: jax.Array, attend_BxSxT: jax.Array, train: bool,
                  kv: tuple[jax.Array, jax.Array] | None, cache_index: jax.Array | int
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        cfg, kernels = self.config, self.kernels
+        cfg = self.config
         B, S, D = x_BxSxD.shape
-        qkv_BxSx3D = Dense(3 * D, cfg.initializer_range, self.dtype, kernels, name="c_attn")(
-            x_BxSxD)
-        q_BHxSxE, k_BHxTxE, v_BHxTxE = (_fold(t.reshape(B, S, cfg.n_head, cfg.head_dim))
-                                        for t in jnp.split(qkv_BxSx3D, 3, axis=-1))
+        H = cfg.n_head
+        q_BHxSxE, k_BHxTxE, v_BHxTxE = (_fold(t.reshape(B, S, H, cfg.head_dim)) for t in
+                                        jnp.split(self.dense(3 * D, "c_attn")(x_BxSxD), 3, -1))
         if kv is not None:
-            kv = (_write(kv[0], k_BHxTxE, cache_index), _write(kv[1], v_BHxTxE, cache_index))
+            kv = (write_at(kv[0], k_BHxTxE, cache_index), write_at(kv[1], v_BHxTxE, cache_index))
             k_BHxTxE, v_BHxTxE = kv
-        scale = 1.0
-        if cfg.scale_attn_weights:
-            scale /= math.sqrt(cfg.head_dim)
-        if cfg.scale_attn_by_inverse_layer_idx:
-            scale /= self.layer_idx + 1
+        scale = (1 / math.sqrt(cfg.head_dim) if cfg.scale_attn_weights else 1.0) / (
+            self.layer_idx + 1 if cfg.scale_attn_by_inverse_layer_idx else 1)
         scores_BxHxSxT = _scores(q_BHxSxE, k_BHxTxE.astype(self.dtype), B) * scale
         scores_BxHxSxT = jnp.where(attend_BxSxT[:, None], scores_BxHxSxT,
                                    jnp.finfo(jnp.float32).min)
         probs_BxHxSxT = jax.nn.softmax(scores_BxHxSxT, axis=-1)
-        probs_BxHxSxT = Dropout(cfg.attn_pdrop, kernels)(probs_BxHxSxT, not train)
-        out_BxHxSxE = _mix(probs_BxHxSxT, v_BHxTxE, self.dtype).astype(self.dtype)
-        out_BxSxD = out_BxHxSxE.transpose(0, 2, 1, 3).reshape(B, S, D)
-        out_BxSxD = Dense(D, _output_proj_std(cfg), self.dtype, kernels, name="c_proj")(out_BxSxD)
-        return Dropout(cfg.resid_pdrop, kernels)(out_BxSxD, not train), kv
+        probs_BHxSxT = self.dropout(cfg.attn_pdrop)(probs_BxHxSxT, not train).reshape(B * H, S, -1)
+        out_BHxSxE = jnp.einsum("nst,nte->nse", probs_BHxSxT.astype(self.dtype),
+                                v_BHxTxE.astype(self.dtype), preferred_element_type=jnp.float32)
+        out_BxSxHxE = out_BHxSxE.astype(self.dtype).reshape(B, H, S, -1).transpose(0, 2, 1, 3)
+        out_BxSxD = self.dense(D, "c_proj", output_proj=True)(out_BxSxHxE.reshape(B, S, D))
+        return self.dropout(cfg.resid_pdrop)(out_BxSxD, not train), kv
 
 
-class Block(nn.Module):
+class Block(Layer):
     """Pre-LN GPT-2 block."""
 
-    config: BackpackConfig
     layer_idx: int
-    dtype: Any
-    kernels: Kernels
 
     @nn.compact
     def __call__(self, x_BxSxD, attend_BxSxT, train, kv, cache_index):
-        cfg, kernels = self.config, self.kernels
-        x_BxSxD = kernels.residual(x_BxSxD)
-        h_BxSxD = _layer_norm(cfg, "ln_1")(x_BxSxD).astype(self.dtype)
-        a_BxSxD, kv = Attention(cfg, self.layer_idx, self.dtype, kernels, name="attn")(
+        cfg, residual = self.config, self.kernels.residual
+        x_BxSxD = residual(x_BxSxD)
+        h_BxSxD = self.layer_norm("ln_1")(x_BxSxD).astype(self.dtype)
+        a_BxSxD, kv = Attention(cfg, self.dtype, self.kernels, self.layer_idx, name="attn")(
             h_BxSxD, attend_BxSxT, train, kv, cache_index)
-        x_BxSxD = kernels.residual(x_BxSxD + a_BxSxD)
-        h_BxSxD = _layer_norm(cfg, "ln_2")(x_BxSxD).astype(self.dtype)
-        mlp = MLP(cfg, cfg.inner_dim, cfg.n_embd, self.dtype, kernels, name="mlp")
+        x_BxSxD = residual(x_BxSxD + a_BxSxD)
+        h_BxSxD = self.layer_norm("ln_2")(x_BxSxD).astype(self.dtype)
+        mlp = MLP(cfg, self.dtype, self.kernels, cfg.inner_dim, cfg.n_embd, name="mlp")
         return x_BxSxD + mlp(h_BxSxD, train), kv
 
 
-class GPT2Model(nn.Module):
+class GPT2Model(Layer):
     """The GPT-2 Transformer whose final states feed the weight network."""
 
-    config: BackpackConfig
-    dtype: Any
-    kernels: Kernels
     remat_policy: Any = None  # A jax.checkpoint policy: recompute each block in the backward.
 
     def setup(self):
@@ -292,11 +283,12 @@ class GPT2Model(nn.Module):
                             param_dtype=jnp.float32)
         self.wpe = nn.Embed(cfg.n_positions, cfg.n_embd, embedding_init=embed_init,
                             param_dtype=jnp.float32)
-        self.drop = Dropout(cfg.embd_pdrop, self.kernels)
-        self.h = [block(cfg, i, self.dtype, self.kernels) for i in range(cfg.n_layer)]
-        self.ln_f = _layer_norm(cfg, "ln_f")
+        self.drop = self.dropout(cfg.embd_pdrop)
+        self.h = [block(cfg, self.dtype, self.kernels, i) for i in range(cfg.n_layer)]
+        self.ln_f = self.layer_norm("ln_f")
 
     def __call__(self, input_ids_BxS, position_ids_BxS, attend_BxSxT, train, cache, cache_index):
+        """(final states [B, S, D], each layer's KV buffers with the new positions written)."""
         x_BxSxD = self.wte(input_ids_BxS) + self.wpe(position_ids_BxS)
         x_BxSxD = self.drop(x_BxSxD, deterministic=not train)
         new_kv = []
@@ -309,41 +301,33 @@ class GPT2Model(nn.Module):
 
 # -------------------------------------------------------------------------- the sense network
 
-class NoMixBlock(nn.Module):
+class NoMixBlock(Layer):
     """The sense network's residual block: takes (hidden, residual), mixes no positions."""
-
-    config: BackpackConfig
-    dtype: Any
-    kernels: Kernels
 
     @nn.compact
     def __call__(self, h_BxSxD, residual_BxSxD, train):
-        cfg, kernels = self.config, self.kernels
-        residual_BxSxD = Dropout(cfg.resid_pdrop, kernels)(h_BxSxD, not train) + residual_BxSxD
-        h_BxSxD = _layer_norm(cfg, "ln_1")(residual_BxSxD).astype(self.dtype)
-        mlp = MLP(cfg, 4 * cfg.n_embd, cfg.n_embd, self.dtype, kernels, name="mlp")
-        residual_BxSxD = residual_BxSxD + Dropout(cfg.resid_pdrop, kernels)(
+        cfg = self.config
+        residual_BxSxD = self.dropout(cfg.resid_pdrop)(h_BxSxD, not train) + residual_BxSxD
+        h_BxSxD = self.layer_norm("ln_1")(residual_BxSxD).astype(self.dtype)
+        mlp = MLP(cfg, self.dtype, self.kernels, 4 * cfg.n_embd, cfg.n_embd, name="mlp")
+        residual_BxSxD = residual_BxSxD + self.dropout(cfg.resid_pdrop)(
             mlp(h_BxSxD, train), not train)
-        return _layer_norm(cfg, "ln_2")(residual_BxSxD).astype(self.dtype)
+        return self.layer_norm("ln_2")(residual_BxSxD).astype(self.dtype)
 
 
-class SenseNetwork(nn.Module):
+class SenseNetwork(Layer):
     """Maps each token's embedding to K sense vectors; no positions, no mixing across tokens."""
-
-    config: BackpackConfig
-    dtype: Any
-    kernels: Kernels
 
     @nn.compact
     def __call__(self, embeds_BxSxD: jax.Array, train: bool) -> jax.Array:
-        cfg, kernels = self.config, self.kernels
-        residual_BxSxD = Dropout(cfg.embd_pdrop, kernels)(embeds_BxSxD, not train)
-        h_BxSxD = _layer_norm(cfg, "ln")(residual_BxSxD).astype(self.dtype)
-        h_BxSxD = NoMixBlock(cfg, self.dtype, kernels, name="block")(h_BxSxD, residual_BxSxD,
-                                                                     train)
-        senses_BxSxKD = MLP(cfg, cfg.sense_intermediate_scale * cfg.n_embd,
-                            cfg.num_senses * cfg.n_embd, self.dtype, kernels,
-                            name="final_mlp")(h_BxSxD, train)
+        cfg = self.config
+        residual_BxSxD = self.dropout(cfg.embd_pdrop)(embeds_BxSxD, not train)
+        h_BxSxD = self.layer_norm("ln")(residual_BxSxD).astype(self.dtype)
+        h_BxSxD = NoMixBlock(cfg, self.dtype, self.kernels, name="block")(
+            h_BxSxD, residual_BxSxD, train)
+        senses_BxSxKD = MLP(cfg, self.dtype, self.kernels, cfg.sense_intermediate_scale *
+                            cfg.n_embd, cfg.num_senses * cfg.n_embd, name="final_mlp")(h_BxSxD,
+                                                                                      train)
         B, S, _ = senses_BxSxKD.shape
         # The projection's output index is sense * D + feature (sense-major).
         return senses_BxSxKD.reshape(B, S, cfg.num_senses, cfg.n_embd)
@@ -351,22 +335,17 @@ class SenseNetwork(nn.Module):
 
 # ------------------------------------------------------------------------ the weight network
 
-class WeightNetwork(nn.Module):
+class WeightNetwork(Layer):
     """Per-sense queries and keys from the GPT-2 states (no values, no dropout)."""
-
-    config: BackpackConfig
-    dtype: Any
-    kernels: Kernels
 
     @nn.compact
     def __call__(self, h_BxSxD: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Queries and keys, [BK, S, E] each."""
         cfg = self.config
         B, S, _ = h_BxSxD.shape
-        qk_BxSx2D = Dense(2 * cfg.n_embd, cfg.initializer_range, self.dtype, self.kernels,
-                          name="c_attn")(h_BxSxD)
         # Output index = (query|key) * D + sense * E + feature.
-        qk_BxSx2xKxE = qk_BxSx2D.reshape(B, S, 2, cfg.num_senses, cfg.sense_head_dim)
+        qk_BxSx2xKxE = self.dense(2 * cfg.n_embd, "c_attn")(h_BxSxD).reshape(
+            B, S, 2, cfg.num_senses, cfg.sense_head_dim)
         return _fold(qk_BxSx2xKxE[:, :, 0]), _fold(qk_BxSx2xKxE[:, :, 1])
 
 
@@ -382,70 +361,23 @@ def contextualization_weights(q_BKxSxE: jax.Array, k_BKxTxE: jax.Array,
 
 # ------------------------------------------------------------------------------ the Backpack
 
-class Backpack(nn.Module):
-    """The Backpack: a weighted sum of sense vectors, then the tied LM head."""
+class Backpack(Layer):
+    """HF's `backpack` module: the three networks, which `BackpackLM` combines."""
 
-    config: BackpackConfig
-    dtype: Any
-    kernels: Kernels
-    remat_policy: Any = None
+    remat_policy: Any = None  # Training only: see GPT2Model.remat_policy.
 
     def setup(self):
-        self.gpt2_model = GPT2Model(self.config, self.dtype, self.kernels, self.remat_policy)
-        self.sense_network = SenseNetwork(self.config, self.dtype, self.kernels)
-        self.sense_weight_net = WeightNetwork(self.config, self.dtype, self.kernels)
-
-    def senses(self, input_ids_BxS: jax.Array, train: bool = False) -> jax.Array:
-        """Sense vectors [B, S, K, D] of each token (they depend on the token alone)."""
-        return self.sense_network(self.gpt2_model.wte(input_ids_BxS), train)
-
-    def __call__(self, input_ids_BxS, position_ids_BxS, attend_BxSxT, *, train=False,
-                 cache: DecodeCache | None = None, cache_index=0,
-                 sense_edit: SenseEdit | None = None,
-                 contextualization_BxKxSxT: jax.Array | None = None,
-                 return_contextualization=False, return_senses=False):
-        B = input_ids_BxS.shape[0]
-        h_BxSxD, new_kv = self.gpt2_model(input_ids_BxS, position_ids_BxS, attend_BxSxT, train,
-                                          cache, cache_index)
-        senses_BxSxKxD = self.senses(input_ids_BxS, train)
-        if sense_edit is not None:
-            senses_BxSxKxD = sense_edit.edit(input_ids_BxS, senses_BxSxKxD)
-        q_BKxSxE, k_BKxTxE = self.sense_weight_net(h_BxSxD)
-        senses_BKxTxD = _fold(senses_BxSxKxD)
-        new_cache = None
-        if cache is not None:
-            new_cache = DecodeCache(
-                keys=tuple(kv[0] for kv in new_kv), values=tuple(kv[1] for kv in new_kv),
-                sense_keys_BKxTxE=_write(cache.sense_keys_BKxTxE, k_BKxTxE, cache_index),
-                senses_BKxTxD=_write(cache.senses_BKxTxD, senses_BKxTxD, cache_index))
-            k_BKxTxE, senses_BKxTxD = new_cache.sense_keys_BKxTxE, new_cache.senses_BKxTxD
-        alpha_BxKxSxT = contextualization_BxKxSxT
-        if alpha_BxKxSxT is None:
-            alpha_BxKxSxT = contextualization_weights(q_BKxSxE, k_BKxTxE, attend_BxSxT, B)
-        wte_VxD = self.gpt2_model.wte.embedding
-        weights_BxKxSxT = alpha_BxKxSxT
-        if sense_edit is not None:
-            weights_BxKxSxT, edit_state = sense_edit.reweight(
-                alpha_BxKxSxT, ReweightInputs(input_ids_BxS, senses_BKxTxD, attend_BxSxT,
-                                              cache_index, wte_VxD),
-                None if cache is None else cache.edit_state)
-            if new_cache is not None:
-                new_cache = new_cache.replace(edit_state=edit_state)
-        o_BxSxD = self.kernels.sense_sum(weights_BxKxSxT, senses_BKxTxD, self.dtype)
-        logits_BxSxV = self.kernels.lm_head(o_BxSxD.astype(self.dtype), wte_VxD.astype(self.dtype))
-        out = BackpackOutput(
-            logits=logits_BxSxV,
-            contextualization=alpha_BxKxSxT if return_contextualization else None,
-            senses=senses_BKxTxD.reshape(B, -1, *senses_BKxTxD.shape[1:]) if return_senses
-            else None)
-        return out, new_cache
+        parts = self.config, self.dtype, self.kernels
+        self.gpt2_model = GPT2Model(*parts, self.remat_policy)
+        self.sense_network = SenseNetwork(*parts)
+        self.sense_weight_net = WeightNetwork(*parts)
 
 
 class BackpackLM(nn.Module):
-    """Top-level module; its only child is named `backpack` like the HF model's.
-
-    `kernels=None` takes those of JAX's default backend (`kernels_for`).
-    """
+    """The Backpack LM: a weighted sum of sense vectors, then the tied LM head. Like HF's
+    BackpackGPT2LMHeadModel it combines the networks of its one child, `backpack`, so parameter
+    paths (and Flax's random draws, derived from them) are HF's. `kernels=None` takes those of
+    JAX's default backend (`kernels_for`)."""
 
     config: BackpackConfig
     dtype: Any = jnp.float32
@@ -453,14 +385,44 @@ class BackpackLM(nn.Module):
     kernels: Kernels | None = None
 
     def setup(self):
-        kernels = self.kernels or kernels_for(jax.default_backend())
-        self.backpack = Backpack(self.config, self.dtype, kernels, self.remat_policy)
+        self.ops = self.kernels or kernels_for(jax.default_backend())
+        self.backpack = Backpack(self.config, self.dtype, self.ops, self.remat_policy)
 
-    def __call__(self, *args, **kwargs):
-        return self.backpack(*args, **kwargs)
+    def senses(self, input_ids_BxS: jax.Array, train: bool = False) -> jax.Array:
+        """Sense vectors [B, S, K, D] of each token (they depend on the token alone)."""
+        backpack = self.backpack
+        return backpack.sense_network(backpack.gpt2_model.wte(input_ids_BxS), train)
 
-    def senses(self, input_ids_BxS, train=False):
-        return self.backpack.senses(input_ids_BxS, train)
+    def __call__(self, input_ids_BxS, position_ids_BxS, attend_BxSxT, *, train=False,
+                 cache: DecodeCache | None = None, cache_index=0,
+                 sense_edit: SenseEdit | None = None, alpha_BxKxSxT: jax.Array | None = None
+                 ) -> tuple[BackpackOutput, DecodeCache | None]:
+        """(output, `cache` with the S new positions written at `cache_index`).
+
+        `alpha_BxKxSxT` replaces the weight network's (HF's run_with_custom_contextualization).
+        """
+        edit = SenseEdit() if sense_edit is None else sense_edit
+        gpt2 = self.backpack.gpt2_model
+        h_BxSxD, kv = gpt2(input_ids_BxS, position_ids_BxS, attend_BxSxT, train, cache,
+                           cache_index)
+        senses_BKxSxD = _fold(edit.edit(input_ids_BxS, self.senses(input_ids_BxS, train)))
+        q_BKxSxE, k_BKxSxE = self.backpack.sense_weight_net(h_BxSxD)
+        k_BKxTxE, senses_BKxTxD, edit_state = k_BKxSxE, senses_BKxSxD, None
+        if cache is not None:
+            cache = cache.write(cache_index, kv, k_BKxSxE, senses_BKxSxD)
+            k_BKxTxE, senses_BKxTxD = cache.sense_keys_BKxTxE, cache.senses_BKxTxD
+            edit_state = cache.edit_state
+        B = input_ids_BxS.shape[0]
+        if alpha_BxKxSxT is None:
+            alpha_BxKxSxT = contextualization_weights(q_BKxSxE, k_BKxTxE, attend_BxSxT, B)
+        wte_VxD = gpt2.wte.embedding
+        weights_BxKxSxT, edit_state = edit.reweight(alpha_BxKxSxT, ReweightInputs(
+            input_ids_BxS, senses_BKxTxD, attend_BxSxT, cache_index, wte_VxD), edit_state)
+        o_BxSxD = self.ops.sense_sum(weights_BxKxSxT, senses_BKxTxD, self.dtype)
+        logits_BxSxV = self.ops.lm_head(o_BxSxD.astype(self.dtype), wte_VxD.astype(self.dtype))
+        out = BackpackOutput(logits_BxSxV, alpha_BxKxSxT,
+                             senses_BKxTxD.reshape(B, -1, *senses_BKxTxD.shape[1:]))
+        return out, None if cache is None else cache.replace(edit_state=edit_state)
 
 
 # ------------------------------------------------------------------------------ the user API
@@ -556,20 +518,20 @@ def check_sense(config: BackpackConfig, sense: Any) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("config", "train", "return_contextualization",
-                                             "return_senses", "dtype", "kernels"))
+                                             "return_senses", "dtype", "kernels", "chunk_tokens"))
 def _apply(params, input_ids, position_ids, rng, sense_edit, contextualization, *, config,
-           train, return_contextualization, return_senses, dtype, kernels):
+           train, return_contextualization, return_senses, dtype, kernels, chunk_tokens):
     def forward(input_ids_BxS, position_ids_BxS, contextualization_BxKxSxS):
         out, _ = BackpackLM(config, dtype, kernels=kernels).apply(
             {"params": params}, input_ids_BxS, position_ids_BxS,
             causal_mask(input_ids_BxS.shape[1]), train=train, sense_edit=sense_edit,
-            contextualization_BxKxSxT=contextualization_BxKxSxS,
-            return_contextualization=return_contextualization, return_senses=return_senses,
-            rngs={"dropout": rng} if train else {})
-        return out
+            alpha_BxKxSxT=contextualization_BxKxSxS, rngs={"dropout": rng} if train else {})
+        return BackpackOutput(out.logits,
+                              out.contextualization if return_contextualization else None,
+                              out.senses if return_senses else None)
 
-    if not train:  # Dropout masks are drawn for the whole batch; chunks would draw other ones.
-        forward = kernels.batch_forward(forward, *input_ids.shape)
+    if chunk_tokens:
+        forward = xla_cpu.in_row_chunks(forward, *input_ids.shape, tokens=chunk_tokens)
     return forward(input_ids, position_ids, contextualization)
 
 
@@ -589,7 +551,7 @@ def apply(params: Params, input_ids: jax.Array, config: BackpackConfig, *,
       return_contextualization / return_senses: also return alpha [B, K, S, S] (the model's,
         before a sense edit's `reweight`) / senses [B, K, S, D] (as edited).
       dtype: compute dtype (e.g. jnp.bfloat16); LayerNorm, softmax and logits stay float32.
-      sense_edit: an intervention on sense vectors (see `backpack_jax.senses`).
+      sense_edit: a `backpack_jax.edits.SenseEdit` (an intervention, a sense table, ...).
       contextualization: use this alpha [B, K, S, S] instead of the model's (HF's
         `run_with_custom_contextualization`).
       kernels: how backend-tunable operations are computed; default `kernels_for` the default
@@ -612,7 +574,11 @@ def apply(params: Params, input_ids: jax.Array, config: BackpackConfig, *,
             B, config.num_senses, S, S):
         raise ValueError(f"contextualization must have shape {(B, config.num_senses, S, S)}, "
                          f"got {contextualization.shape}")
+    kernels = kernels or kernels_for(jax.default_backend())
+    # How the batch runs: XLA's CPU GEMMs run chunks of whole rows faster than the whole batch.
+    # Not in training: its dropout masks are drawn for the whole batch, chunks would draw others.
+    chunk_tokens = xla_cpu.TOKENS_PER_CHUNK if kernels == XLA_CPU and not train else 0
     return _apply(params, input_ids, position_ids, rng, sense_edit, contextualization,
                   config=config, train=train, return_contextualization=return_contextualization,
-                  return_senses=return_senses, dtype=dtype,
-                  kernels=kernels or kernels_for(jax.default_backend()))
+                  return_senses=return_senses, dtype=dtype, kernels=kernels,
+                  chunk_tokens=chunk_tokens)

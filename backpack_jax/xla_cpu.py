@@ -1,9 +1,9 @@
 """XLA:CPU forms of the model's tunable operations: the same math as model.py's plain forms.
 
-`model.kernels_for("cpu")` gathers these into a `model.Kernels`; other platforms get the plain
-forms.
-tests/test_xla_cpu.py checks each form against the plain one (values and gradients, float32 and
-bfloat16). Why each exists:
+`model.XLA_CPU` gathers the operations into a `model.Kernels` (`model.kernels_for("cpu")`), and
+`model.apply` runs an inference batch with them `in_row_chunks`; other platforms get the plain
+forms. tests/test_xla_cpu.py checks each form against the plain one (values and gradients,
+float32 and bfloat16). Why each exists:
 
 - `matmul`: a decode step's products are matrix-vector products, bound by reading the kernel,
   and XLA's CPU dot reads a lone one well below the memory bandwidth. Splitting the contraction
@@ -18,7 +18,7 @@ bfloat16). Why each exists:
   layout change for its gradient is then a cheap copy instead of a fused recomputation).
 - `lm_head`: autodiff's embedding gradient g^T o makes XLA transpose all of g [B*S, V] and run at
   half the GEMM rate; (o^T g)^T does not.
-- `batch_forward`: XLA's CPU GEMMs run one sequence's [S, I] x [I, O] products faster than a
+- `in_row_chunks`: XLA's CPU GEMMs run one sequence's [S, I] x [I, O] products faster than a
   batch's, so an inference batch runs in chunks of whole rows (`lax.map`).
 """
 
@@ -35,7 +35,7 @@ import jax.numpy as jnp
 # Products with at most this many rows (decode steps) split their contraction in SPLITS parts.
 FEW_ROWS = 8
 SPLITS = 8
-# An inference forward runs its batch this many tokens (whole rows) at a time.
+# `model.apply` runs an inference batch this many tokens (whole rows) at a time.
 TOKENS_PER_CHUNK = 512
 
 
@@ -149,8 +149,7 @@ def rows_per_chunk(batch: int, seq_len: int, tokens: int) -> int:
     return min(batch, max(1, tokens // seq_len))
 
 
-def in_row_chunks(forward: Callable, batch: int, seq_len: int,
-                  tokens: int = TOKENS_PER_CHUNK) -> Callable:
+def in_row_chunks(forward: Callable, batch: int, seq_len: int, tokens: int) -> Callable:
     """`forward` over the batch in chunks of whole rows, one after another (`lax.map`); rows
     that do not fill a last chunk run in one more call. Its arguments are [B, ...] arrays or
     None."""

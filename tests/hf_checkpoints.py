@@ -85,7 +85,7 @@ def _write_shards(directory: pathlib.Path, state: Mapping[str, torch.Tensor], bi
 def write_hf_checkpoint(directory: str | pathlib.Path, tensors: Mapping[str, np.ndarray],
                         config: BackpackConfig, layout: str = "safetensors",
                         dtype: torch.dtype = torch.float32) -> pathlib.Path:
-    """Writes `tensors` (canonical HF names, e.g. `TorchBackpackLM.canonical_tensors()`) and
+    """Writes `tensors` (canonical HF names, e.g. `torch_reference.random_tensors(...)`) and
     config.json into `directory` in one of `LAYOUTS`, stored as `dtype`."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose from {LAYOUTS}")

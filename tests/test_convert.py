@@ -18,7 +18,6 @@ from backpack_jax import checkpoint, hf, model
 from backpack_jax.config import get_model_config
 from backpack_jax.hf import ConversionError, from_state_dict, load_hf, to_state_dict, write_hf
 from backpack_jax.hf.files import read_tensors
-from bench.torch_reference import TorchBackpackLM, random_reference
 from convert import export, flax_to_hf, hf_to_flax
 from tests.hf_checkpoints import (
     LAYOUTS,
@@ -27,14 +26,15 @@ from tests.hf_checkpoints import (
     write_config_json,
     write_hf_checkpoint,
 )
+from tests.torch_reference import Reference, random_tensors
 
 CONFIG = TEST_CONFIGS["odd"]
 
 
 @pytest.fixture(scope="module")
 def tensors():
-    """Canonical HF tensors of a random reference model."""
-    return random_reference(CONFIG, seed=7).canonical_tensors()
+    """Canonical HF tensors with real spread."""
+    return random_tensors(CONFIG, seed=7)
 
 
 def assert_trees_equal(a, b):
@@ -116,11 +116,11 @@ def test_saved_files_are_in_the_hf_layout(tensors, tmp_path):
 
 
 def test_saved_files_load_into_the_hf_module_tree(tmp_path):
-    """A model shaped like the HF remote code loads what write_hf wrote and agrees with apply."""
+    """The independent reference reads what write_hf wrote (exactly the checkpoint's names and
+    shapes) and agrees with apply."""
     params = model.init(CONFIG, jax.random.PRNGKey(1))
     write_hf(params, CONFIG, tmp_path)
-    ref = TorchBackpackLM(CONFIG).eval()
-    ref.load_tensors(safetensors.torch.load_file(str(tmp_path / "model.safetensors")))
+    ref = Reference(CONFIG, safetensors.torch.load_file(str(tmp_path / "model.safetensors")))
     ids = np.random.RandomState(0).randint(0, CONFIG.vocab_size, (2, 6))
     with torch.no_grad():
         want, _ = ref(torch.as_tensor(ids))
@@ -319,8 +319,7 @@ def test_real_backpack_gpt2():
     want = get_model_config("gpt2_small")
     assert (config.vocab_size, config.n_layer, config.n_embd, config.num_senses) == (
         want.vocab_size, want.n_layer, want.n_embd, want.num_senses)
-    ref = TorchBackpackLM(config).eval()
-    ref.load_tensors(read_tensors(REAL_CHECKPOINT))
+    ref = Reference(config, read_tensors(REAL_CHECKPOINT))
     text = "The capital of France is Paris, and the capital of Germany is Berlin."
     ids = np.array([get_tokenizer().encode(text)])
     out = model.apply(params, jnp.asarray(ids), config, return_contextualization=True)

@@ -9,8 +9,8 @@ import torch
 from backpack_jax import checkpoint, generate, interventions, model
 from backpack_jax.config import get_model_config
 from backpack_jax.tokenizer import get_tokenizer
-from bench.torch_reference import random_reference
 from convert import from_state_dict
+from tests.torch_reference import random_reference
 
 CONFIG = get_model_config("tiny").replace(vocab_size=512, bos_token_id=0, eos_token_id=0)
 PROMPTS = [[5, 17, 300, 42, 9, 101, 7], [250, 3], [77, 410, 12, 64]]
@@ -19,13 +19,14 @@ N_NEW = 10  # one length budget for every batch of PROMPTS: compiled once
 
 @pytest.fixture(scope="module")
 def reference():
-    return random_reference(CONFIG, seed=0)
+    """Seed 1: the first prompt's next-token distribution has the several likely tokens that the
+    sampling test needs."""
+    return random_reference(CONFIG, seed=1)
 
 
 @pytest.fixture(scope="module")
 def params(reference):
-    return from_state_dict({k: v.detach().numpy() for k, v in reference.state_dict().items()},
-                           CONFIG)
+    return from_state_dict(reference.tensors, CONFIG)
 
 
 def relative_error(a, b):
@@ -71,7 +72,7 @@ def test_padded_rows_give_the_same_tokens_as_each_prompt_alone(params):
     for b, prompt in enumerate(PROMPTS):
         alone = generate.generate(params, CONFIG, [prompt], N_NEW, return_logits=True)
         np.testing.assert_array_equal(alone.new_tokens[0], batch.new_tokens[b])
-        np.testing.assert_allclose(alone.logits[0], batch.logits[b], rtol=1e-5, atol=1e-5)
+        assert relative_error(alone.logits[0], batch.logits[b]) < 1e-5
 
 
 def test_greedy_tokens_equal_pytorch_reference_greedy_loop(params, reference):

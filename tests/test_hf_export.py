@@ -14,19 +14,24 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 from backpack_jax import checkpoint, generate, hf, model
 from backpack_jax.config import get_model_config
 from backpack_jax.hf import from_state_dict, load_hf
-from bench.torch_reference import random_reference
 from convert import export, flax_to_hf, save_hf
 from convert.hf_export.modeling_backpack import BackpackGPT2LMHeadModel
 from tests.hf_checkpoints import write_hf_checkpoint
+from tests.torch_reference import random_reference
 
 CONFIG = get_model_config("tiny").replace(n_positions=32)  # GPT-2's vocabulary: has a tokenizer.
 WORKDIR = pathlib.Path(__file__).parent / "fixtures" / "tiny_workdir_caeb19e"
 
 
 @pytest.fixture(scope="module")
-def params():
-    """Random weights with real spread (the reference's), so that errors show in the logits."""
-    return from_state_dict(random_reference(CONFIG, seed=5).canonical_tensors(), CONFIG)
+def reference():
+    """The tests' independent PyTorch Backpack, on random weights with real spread."""
+    return random_reference(CONFIG, seed=5)
+
+
+@pytest.fixture(scope="module")
+def params(reference):
+    return from_state_dict(reference.tensors, CONFIG)
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +97,26 @@ def test_our_model_loads_checkpoints_in_the_hub_layout(params, layout, tmp_path)
 def test_a_plain_load_is_refused_not_silently_wrong(export_dir):
     with pytest.raises((ValueError, OSError), match="trust_remote_code|custom code"):
         AutoModelForCausalLM.from_pretrained(export_dir, trust_remote_code=False)
+
+
+def test_exported_model_equals_the_independent_reference(hf_model, reference):
+    """modeling_backpack.py against tests/torch_reference.py, written apart from it: both run
+    transformers' GPT-2 in float32, so only the order of sums may differ."""
+    x = torch.as_tensor(ids(2, 11, seed=4))
+    alpha = torch.as_tensor(np.random.RandomState(6).dirichlet(
+        np.ones(11), size=(2, CONFIG.num_senses, 11)).astype(np.float32))
+    with torch.no_grad():
+        out = hf_model(x, use_cache=False, output_contextualization=True, output_senses=True)
+        custom = hf_model.run_with_custom_contextualization(x, alpha).logits
+        want_logits, want_alpha = reference(x)
+        want_senses = reference.senses(x)
+        want_custom, _ = reference(x, contextualization=alpha)
+    for what, got, want in [("logits", out.logits, want_logits), ("alpha", out.contextualization,
+                             want_alpha), ("senses", out.senses, want_senses),
+                            ("logits with custom alpha", custom, want_custom)]:
+        err, scale = (got - want).abs().max().item(), want.abs().max().item()
+        print(f"export vs reference, {what}: max|d| = {err:.1e}, max = {scale:.1e}")
+        assert err <= 2e-6 * scale, what
 
 
 def test_logits_contextualization_and_senses_equal_apply(hf_model, params):

@@ -14,9 +14,9 @@ import torch
 
 from backpack_jax import model
 from backpack_jax.config import get_model_config
-from bench.torch_reference import random_reference
 from convert import from_state_dict, load_hf
 from tests.hf_checkpoints import LAYOUTS, TEST_CONFIGS, write_hf_checkpoint
+from tests.torch_reference import random_reference
 from train.loss import cross_entropy
 
 LOGIT_RTOL = 1e-4  # max |dlogits| <= LOGIT_RTOL * max |logits|
@@ -59,7 +59,7 @@ def _compare(what, logits, alpha, ref_logits, ref_alpha):
 @pytest.mark.parametrize("name", sorted(TEST_CONFIGS))
 def test_parity_through_every_layout(name, layout, tmp_path):
     config, ref = _reference(name)
-    write_hf_checkpoint(tmp_path, ref.canonical_tensors(), config, layout)
+    write_hf_checkpoint(tmp_path, ref.tensors, config, layout)
     params, loaded_config = load_hf(tmp_path)
     assert loaded_config == config
     ids = _ids(config, 3, 11)
@@ -72,7 +72,7 @@ def test_parity_through_every_layout(name, layout, tmp_path):
 @pytest.mark.parametrize("layout", ["safetensors", "bin_aliases"])
 def test_parity_backpack_gpt2_shape(full_size, layout, tmp_path):
     config, ref = full_size
-    write_hf_checkpoint(tmp_path, ref.canonical_tensors(), config, layout)
+    write_hf_checkpoint(tmp_path, ref.tensors, config, layout)
     params, _ = load_hf(tmp_path)
     ids = _ids(config, 2, 7)
     out = model.apply(params, jnp.asarray(ids), config, return_contextualization=True)
@@ -82,7 +82,7 @@ def test_parity_backpack_gpt2_shape(full_size, layout, tmp_path):
 
 def _params(name):
     config, ref = _reference(name)
-    return config, ref, from_state_dict(ref.canonical_tensors(), config)
+    return config, ref, from_state_dict(ref.tensors, config)
 
 
 KERNELS = pytest.mark.parametrize("kernels", [model.PLAIN, model.XLA_CPU], ids=["plain", "xla_cpu"])
@@ -137,7 +137,7 @@ def test_custom_contextualization_matches_reference():
 def test_reference_uses_eager_attention_with_layer_scaling():
     """Guards the reference itself: SDPA once ignored scale_attn_by_inverse_layer_idx."""
     config, ref = _reference("odd")
-    gpt2 = ref.backpack.gpt2_model
+    gpt2 = ref.gpt2
     assert gpt2.config._attn_implementation == "eager"
     for i, block in enumerate(gpt2.h):
         assert block.attn.scaling == pytest.approx(config.head_dim ** -0.5 / (i + 1))
@@ -197,9 +197,7 @@ def test_gradients_match_reference(name, kernels):
     logits, _ = ref(torch.as_tensor(inputs))
     torch.nn.functional.cross_entropy(logits.flatten(0, 1),
                                       torch.as_tensor(targets).flatten()).backward()
-    variables = ref.state_dict(keep_vars=True)
-    want = from_state_dict({k: variables[k].grad.numpy() for k in ref.canonical_tensors()},
-                           config)
+    want = from_state_dict(ref.grads(), config)
 
     def loss(p):
         logits = model.apply(p, jnp.asarray(inputs), config, kernels=kernels).logits

@@ -9,8 +9,8 @@ import pytest
 from backpack_jax import checkpoint, model, senses
 from backpack_jax.config import get_model_config
 from backpack_jax.tokenizer import get_tokenizer
-from bench.torch_reference import random_reference
 from convert import from_state_dict
+from tests.torch_reference import random_reference
 
 SMALL = get_model_config("tiny").replace(vocab_size=512, bos_token_id=0, eos_token_id=0)
 IDS = np.array([[5, 17, 300, 17, 9, 101, 7, 42]])
@@ -19,7 +19,7 @@ IDS = np.array([[5, 17, 300, 17, 9, 101, 7, 42]])
 @pytest.fixture(scope="module")
 def params():
     ref = random_reference(SMALL, seed=1)
-    return from_state_dict({k: v.detach().numpy() for k, v in ref.state_dict().items()}, SMALL)
+    return from_state_dict(ref.tensors, SMALL)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ and bfloat16, for full-length, decode-sized and row-chunked inputs and for cache
 dropout keep-mask, whose random bits differ by design, is checked for its statistics instead.
 """
 
-import dataclasses
 import functools
 import itertools
 
@@ -16,9 +15,9 @@ import pytest
 import torch
 
 from backpack_jax import model, xla_cpu
-from bench.torch_reference import random_reference
 from convert import from_state_dict
 from tests.hf_checkpoints import TEST_CONFIGS
+from tests.torch_reference import random_reference
 from train.loss import cross_entropy
 
 # float32: the forms differ only in the order of sums.
@@ -26,8 +25,8 @@ RTOL = 2e-6
 @functools.cache
 def _odd():
     config = TEST_CONFIGS["odd"]
-    reference = random_reference(config, seed=3)
-    return config, reference, from_state_dict(reference.canonical_tensors(), config)
+    reference = random_reference(config, seed=0)
+    return config, reference, from_state_dict(reference.tensors, config)
 
 
 def _ids(config, batch, seq, seed=0):
@@ -47,10 +46,10 @@ def _close(got, want, rtol, what):
     assert err <= rtol * scale, f"{what}: {err:.2e} vs {scale:.2e}"
 
 
-def _chunked(tokens):
-    return dataclasses.replace(model.XLA_CPU,
-                               batch_forward=functools.partial(xla_cpu.in_row_chunks,
-                                                               tokens=tokens))
+@pytest.fixture
+def chunk_tokens(monkeypatch):
+    """Sets how many tokens `model.apply` runs at a time with XLA:CPU's kernels."""
+    return lambda tokens: monkeypatch.setattr(xla_cpu, "TOKENS_PER_CHUNK", tokens)
 
 
 def _leaves(tree):
@@ -62,7 +61,7 @@ def _leaves(tree):
 @pytest.mark.parametrize("batch, seq, tokens", [(3, 11, 512), (1, 5, 512), (2, 1, 512),
                                                 (3, 11, 22)], ids=["full", "few-rows",
                                                                    "one-position", "row-chunks"])
-def test_forward_and_gradients_equal_the_plain_form(dtype, batch, seq, tokens):
+def test_forward_and_gradients_equal_the_plain_form(dtype, batch, seq, tokens, chunk_tokens):
     """float32: equal up to the order of sums. bfloat16: each form rounds differently, so each is
     compared with the float32 result, and the tuned form must be as accurate as the plain one."""
     config, _, params = _odd()
@@ -78,7 +77,8 @@ def test_forward_and_gradients_equal_the_plain_form(dtype, batch, seq, tokens):
         return [("logits", out.logits), ("alpha", out.contextualization),
                 ("senses", out.senses)] + _leaves(grads)
 
-    plain, tuned = run(model.PLAIN, dtype), run(_chunked(tokens), dtype)
+    chunk_tokens(tokens)
+    plain, tuned = run(model.PLAIN, dtype), run(model.XLA_CPU, dtype)
     exact = plain if dtype == jnp.float32 else run(model.PLAIN, jnp.float32)
     for (what, got), (_, want), (_, fp32) in zip(tuned, plain, exact, strict=True):
         if dtype == jnp.float32:
@@ -130,11 +130,12 @@ def test_rows_per_chunk(batch, seq, tokens, rows):
 
 
 @pytest.mark.parametrize("batch", [6, 7])  # 3 chunks of 2 rows; the same and one row more
-def test_forward_in_row_chunks_matches_reference(batch):
+def test_forward_in_row_chunks_matches_reference(batch, chunk_tokens):
     """A batch in chunks of whole rows gives the whole batch's outputs, custom alpha included."""
     config, ref, params = _odd()
     ids = np.asarray(_ids(config, batch, 4, seed=4))
-    kernels = _chunked(10)
+    kernels = model.XLA_CPU
+    chunk_tokens(10)
     out = model.apply(params, jnp.asarray(ids), config, return_senses=True, kernels=kernels)
     with torch.no_grad():
         ref_logits, _ = ref(torch.as_tensor(ids))
@@ -148,6 +149,23 @@ def test_forward_in_row_chunks_matches_reference(batch):
     with torch.no_grad():
         ref_logits, _ = ref(torch.as_tensor(ids), contextualization=torch.as_tensor(alpha))
     _close(out.logits, ref_logits.numpy(), 1e-4, "logits with custom alpha")
+
+
+def test_apply_runs_rows_in_chunks_only_for_inference_with_xla_cpu_kernels(chunk_tokens):
+    """The one place that chooses: a loop over chunks of rows with XLA:CPU's kernels outside
+    training, the whole batch with the plain kernels or with dropout (whose masks are drawn for
+    the whole batch)."""
+    config, _, params = _odd()
+    ids = _ids(config, 6, 4)
+    chunk_tokens(8)
+
+    def loops(**kwargs):
+        jaxpr = jax.make_jaxpr(lambda: model.apply(params, ids, config, **kwargs))()
+        return " scan[" in str(jaxpr)  # lax.map over the chunks
+
+    assert loops(kernels=model.XLA_CPU)
+    assert not loops(kernels=model.PLAIN)
+    assert not loops(kernels=model.XLA_CPU, train=True, rng=jax.random.PRNGKey(0))
 
 
 @pytest.fixture(params=["threefry", "no primitive"])

@@ -34,6 +34,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from .configuration_backpack import BackpackGPT2Config
 
 # The checkpoint adds this to masked scores (not -inf), so a row with every key masked stays finite.
+# Defined here, not imported from backpack_jax.model: this file runs as remote code without it.
 MASK_VALUE = -10000.0
 _GPT2_FIELDS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner",
                 "activation_function", "resid_pdrop", "embd_pdrop", "attn_pdrop",

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from backpack_jax import atomic, checkpoint, cli, model
+from backpack_jax import atomic, checkpoint, checks, cli, model
 from backpack_jax.config import BackpackConfig
 from backpack_jax.edits import check_edit
 from backpack_jax.model import Params
@@ -63,10 +63,10 @@ def attribute(params: Params, config: BackpackConfig, token_ids: Sequence[int], 
     if not ids:
         raise ValueError("token_ids is empty")
     ids_1xS = np.asarray([ids], np.int32)
-    model.validate_token_ids(ids_1xS, config, "token_ids")
+    checks.validate_token_ids(ids_1xS, config, "token_ids")
     i = check_position(position, len(ids))
     if target is not None:
-        target = model.check_token(config, target)
+        target = checks.check_token(config, target)
     out = model.apply(params, ids_1xS, config, return_contextualization=True,
                       return_senses=True, sense_edit=sense_edit)
     logits_V = np.asarray(out.logits[0, i])

@@ -36,8 +36,9 @@ from backpack_jax import (
     senses,
     topic,
 )
+from backpack_jax.checks import check_sense
 from backpack_jax.config import BackpackConfig
-from backpack_jax.model import Params, check_sense
+from backpack_jax.model import Params
 from backpack_jax.tokenizer import get_tokenizer, single_token, word_ids
 
 TOP_WORDS = 8  # words per sense and direction in the sense table

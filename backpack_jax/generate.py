@@ -30,10 +30,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from backpack_jax import checkpoint, cli, model
+from backpack_jax import checkpoint, checks, cli
 from backpack_jax.config import BackpackConfig
+from backpack_jax.decode_cache import DecodeCache
 from backpack_jax.edits import SenseEdit, check_edit
-from backpack_jax.model import BackpackLM, DecodeCache, Params
+from backpack_jax.model import BackpackLM, Params
 from backpack_jax.tokenizer import get_tokenizer
 
 
@@ -117,7 +118,7 @@ def _left_pad(prompt_ids: Any, config: BackpackConfig, max_new_tokens: int, pad_
                 f"prompt {b} has {len(row)} tokens; with max_new_tokens={max_new_tokens} that "
                 f"exceeds n_positions={config.n_positions} (at most "
                 f"{config.n_positions - len(row)} new tokens fit)")
-        model.validate_token_ids(row.reshape(1, -1), config, what=f"prompt {b}")
+        checks.validate_token_ids(row.reshape(1, -1), config, what=f"prompt {b}")
     width = int(lengths.max())
     if pad_to is not None:
         if not width <= pad_to <= config.n_positions - max_new_tokens:

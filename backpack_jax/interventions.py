@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from backpack_jax import model
+from backpack_jax import checks, model
 from backpack_jax.config import BackpackConfig
 from backpack_jax.edits import SenseEdit
 from backpack_jax.model import Params
@@ -64,7 +64,7 @@ def scale_senses(config: BackpackConfig, factors: Mapping[int, Mapping[int, floa
     scale_VxK = np.ones((config.vocab_size, config.num_senses), np.float32)
     for token, per_sense in factors.items():
         for sense, factor in per_sense.items():
-            scale_VxK[model.check_token(config, token), model.check_sense(config, sense)] = factor
+            scale_VxK[checks.check_token(config, token), checks.check_sense(config, sense)] = factor
     return no_intervention(config).replace(scale_VxK=jnp.asarray(scale_VxK))
 
 
@@ -78,7 +78,7 @@ def replace_senses(config: BackpackConfig, vectors: Mapping[int, Mapping[int, An
             if vector.shape != (config.n_embd,):
                 raise ValueError(f"replacement for token {token} sense {sense} has shape "
                                  f"{vector.shape}, expected ({config.n_embd},)")
-            pairs.append((model.check_token(config, token), model.check_sense(config, sense)))
+            pairs.append((checks.check_token(config, token), checks.check_sense(config, sense)))
             rows.append(vector)
     return _with_replacements(no_intervention(config), pairs, rows)
 
@@ -123,10 +123,10 @@ def knowledge_edit(params: Params, config: BackpackConfig, word_ids: Sequence[in
     Senses that did not point at e_r barely change. Returned as replacement sense vectors, so it
     composes with other edits and works in `model.apply` and in generation.
     """
-    word = sorted({model.check_token(config, t) for t in word_ids})
+    word = sorted({checks.check_token(config, t) for t in word_ids})
     if not word:
         raise ValueError("word_ids is empty")
-    remove_id, add_id = model.check_token(config, remove_id), model.check_token(config, add_id)
+    remove_id, add_id = checks.check_token(config, remove_id), checks.check_token(config, add_id)
     if remove_id == add_id:
         raise ValueError(f"remove_id and add_id are the same token ({remove_id})")
     e_V = np.asarray(model.embedding_VxD(params), np.float64)

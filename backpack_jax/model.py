@@ -10,9 +10,10 @@ The parameter tree mirrors HF's module tree (`backpack/gpt2_model/h_3/attn/c_att
 `backpack.gpt2_model.h.3.attn.c_attn`), so the converter's name table reads like a table.
 
 One code path serves the full pass and cached decoding: every attention takes queries for the S
-new positions and keys for the T positions it may see (`attend_BxSxT`); a `DecodeCache` holds
-them in fixed-size buffers. The full pass is the case T = S with no cache. A few operations have
-faster forms on some backends (`Kernels`): the plain forms are here, XLA:CPU's in xla_cpu.py.
+new positions and keys for the T positions it may see (`attend_BxSxT`); a `DecodeCache`
+(decode_cache.py) holds them in fixed-size buffers. The full pass is the case T = S with no
+cache. A few operations have faster forms on some backends (`Kernels`): the plain forms are
+here, XLA:CPU's in xla_cpu.py.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from backpack_jax import xla_cpu
+from backpack_jax.checks import validate_token_ids
 from backpack_jax.config import BackpackConfig
+from backpack_jax.decode_cache import DecodeCache, write_at
 from backpack_jax.edits import ReweightInputs, SenseEdit, check_edit
 
 Params = Any
@@ -43,51 +46,6 @@ class BackpackOutput:
     logits: jax.Array  # [B, S, V], float32
     contextualization: jax.Array | None = None  # [B, K, S, T] alpha (before any reweight)
     senses: jax.Array | None = None  # [B, K, T, D] sense vectors, as edited
-
-
-@flax.struct.dataclass
-class DecodeCache:
-    """Everything decoding needs about the prefix, in buffers of length T (the length budget).
-
-    Batch and heads (or senses) share the leading axis: [BH, T, E] is exactly the operand of the
-    attention products, so a decode step writes its new entries in place and the products read
-    the buffer as it is.
-    """
-
-    keys: tuple[jax.Array, ...]  # per GPT-2 layer [BH, T, E]
-    values: tuple[jax.Array, ...]  # per GPT-2 layer [BH, T, E]
-    sense_keys_BKxTxE: jax.Array  # weight-network keys
-    senses_BKxTxD: jax.Array  # sense vectors of the tokens seen so far
-    edit_state: Any = None  # what a reweighting sense edit keeps about the prefix (SenseEdit)
-
-    @classmethod
-    def zeros(cls, config: BackpackConfig, batch: int, length: int,
-              dtype: Any = jnp.float32) -> DecodeCache:
-        kv_BHxTxE = jnp.zeros((batch * config.n_head, length, config.head_dim), dtype)
-        BK = batch * config.num_senses
-        return cls((kv_BHxTxE,) * config.n_layer, (kv_BHxTxE,) * config.n_layer,
-                   jnp.zeros((BK, length, config.sense_head_dim), dtype),
-                   jnp.zeros((BK, length, config.n_embd), dtype))
-
-    @property
-    def length(self) -> int:
-        return self.senses_BKxTxD.shape[1]
-
-    def write(self, index: jax.Array | int, kv: list[tuple[jax.Array, jax.Array]],
-              sense_keys_BKxSxE: jax.Array, senses_BKxSxD: jax.Array) -> DecodeCache:
-        """This cache after a call whose S new positions start at `index`: each GPT-2 layer's
-        buffers `kv` (every attention writes its own, as it reads them at once) and the new
-        weight-network keys and sense vectors, written here."""
-        keys, values = zip(*kv, strict=True)
-        return self.replace(keys=keys, values=values,
-                            sense_keys_BKxTxE=write_at(self.sense_keys_BKxTxE, sense_keys_BKxSxE,
-                                                       index),
-                            senses_BKxTxD=write_at(self.senses_BKxTxD, senses_BKxSxD, index))
-
-
-def write_at(buffer: jax.Array, new: jax.Array, index: jax.Array | int) -> jax.Array:
-    """Writes `new` into a cache buffer along its time axis (1) starting at `index`."""
-    return jax.lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), (0, index, 0))
 
 
 # ------------------------------------------------------------------------------ kernels
@@ -472,49 +430,6 @@ def sense_vectors(params: Params, config: BackpackConfig, token_ids: Any) -> jax
     ids_Cx1 = np.asarray(token_ids, dtype=np.int32).reshape(-1, 1)
     validate_token_ids(ids_Cx1, config, what="token_ids")
     return _sense_vectors(params, jnp.asarray(ids_Cx1), config)
-
-
-def validate_token_ids(input_ids: Any, config: BackpackConfig, what: str = "input_ids",
-                       limit: int | None = None) -> None:
-    """Checks rank, dtype, length and (when concrete) the value range of a [B, S] id array.
-
-    JAX clamps out-of-range gathers silently, so this is the only place such ids are caught.
-    """
-    limit = config.vocab_size if limit is None else limit
-    shape = getattr(input_ids, "shape", None)
-    if shape is None or len(shape) != 2:
-        raise ValueError(f"{what} must be a 2-D [batch, seq] array, got shape {shape}")
-    if shape[1] == 0 or shape[0] == 0:
-        raise ValueError(f"{what} is empty: shape {tuple(shape)}")
-    if shape[1] > config.n_positions:
-        raise ValueError(f"{what} has {shape[1]} positions but the model was built for at most "
-                         f"n_positions={config.n_positions}")
-    if not jnp.issubdtype(input_ids.dtype, jnp.integer):
-        raise ValueError(f"{what} must hold integers, got dtype {input_ids.dtype}")
-    if not isinstance(input_ids, jax.core.Tracer):
-        ids = np.asarray(input_ids)
-        bad = (ids < 0) | (ids >= limit)
-        if bad.any():
-            b, s = np.argwhere(bad)[0]
-            raise ValueError(f"{what}[{b}, {s}] = {ids[b, s]} is outside [0, {limit}); "
-                             f"{int(bad.sum())} id(s) out of range in total")
-
-
-def check_token(config: BackpackConfig, token: Any) -> int:
-    """`token` as an int, or a ValueError unless it is a token id of this model."""
-    if isinstance(token, bool) or not isinstance(token, (int, np.integer)) or not (
-            0 <= token < config.vocab_size):
-        raise ValueError(f"token id {token!r} is outside [0, vocab_size={config.vocab_size})")
-    return int(token)
-
-
-def check_sense(config: BackpackConfig, sense: Any) -> int:
-    """`sense` as an int, or a ValueError unless it is a sense index of this model."""
-    if isinstance(sense, bool) or not isinstance(sense, (int, np.integer)) or not (
-            0 <= sense < config.num_senses):
-        raise ValueError(f"sense index {sense!r} is out of range: this model has "
-                         f"num_senses={config.num_senses} (valid: 0..{config.num_senses - 1})")
-    return int(sense)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "train", "return_contextualization",

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from backpack_jax import atomic, checkpoint, cli, model
+from backpack_jax import atomic, checkpoint, checks, cli, model
 from backpack_jax.config import BackpackConfig
 from backpack_jax.model import Params
 from backpack_jax.tokenizer import get_tokenizer, word_ids
@@ -179,7 +179,7 @@ def _parse_senses(text: str, config: BackpackConfig) -> list[int]:
         senses = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
         raise ValueError(f"--senses must be comma-separated integers, got {text!r}") from None
-    return [model.check_sense(config, s) for s in senses]
+    return [checks.check_sense(config, s) for s in senses]
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from backpack_jax import atomic, batching, interventions, model
+from backpack_jax import atomic, batching, checks, interventions, model
 from backpack_jax.config import BackpackConfig
 from backpack_jax.edits import ReweightInputs, SenseEdit
 from backpack_jax.interventions import SenseIntervention
@@ -217,7 +217,7 @@ def topic_scores(params: Params, config: BackpackConfig, bags: Sequence[Sequence
     if zero_from is not None and not 0 <= zero_from <= V:
         raise ValueError(f"zero_from={zero_from} is outside [0, {V}]")
     e_VxD = np.asarray(model.embedding_VxD(params), np.float32)
-    bags_ZxD = np.stack([e_VxD[sorted({model.check_token(config, t) for t in b})].sum(0)
+    bags_ZxD = np.stack([e_VxD[sorted({checks.check_token(config, t) for t in b})].sum(0)
                          for b in bags])
     numer_ZxVxK, max_VxK = _vocabulary_pass(params, config, bags_ZxD, max_logits_VxK is None,
                                             0, V, progress, "topic scores")

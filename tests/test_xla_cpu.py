@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from backpack_jax import model, xla_cpu
+from backpack_jax import decode_cache, model, xla_cpu
 from convert import from_state_dict
 from tests.hf_checkpoints import TEST_CONFIGS
 from tests.torch_reference import random_reference
@@ -97,7 +97,7 @@ def test_cached_decoding_equals_the_plain_form():
         lm = model.BackpackLM(config, kernels=kernels)
         attend_BxPxT = jnp.tril(jnp.ones((5, length), bool))[None]
         out, cache = lm.apply({"params": params}, prompt_BxP, jnp.arange(5)[None],
-                              attend_BxPxT, cache=model.DecodeCache.zeros(config, 2, length))
+                              attend_BxPxT, cache=decode_cache.DecodeCache.zeros(config, 2, length))
         logits = [out.logits[:, -1]]
         for index in range(5, length):
             token_Bx1 = logits[-1].argmax(-1)[:, None]

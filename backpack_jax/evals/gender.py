@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from backpack_jax import atomic, batching, checkpoint, cli, interventions, model
+from backpack_jax import atomic, batching, checkpoint, checks, cli, interventions, model
 from backpack_jax.config import BackpackConfig
 from backpack_jax.interventions import SenseIntervention
 from backpack_jax.model import Params
@@ -233,13 +233,13 @@ _last_log_probs_jit = jax.jit(_last_log_probs, static_argnames="config")
 def _check_rows(config: BackpackConfig, ids_BxS: Any, lengths_B: Any, pronoun_ids: Any
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     ids_BxS, lengths_B = np.asarray(ids_BxS, np.int32), np.asarray(lengths_B, np.int32)
-    model.validate_token_ids(ids_BxS, config, "prompt ids")
+    checks.validate_token_ids(ids_BxS, config, "prompt ids")
     if lengths_B.shape != ids_BxS.shape[:1] or not (
             (lengths_B >= 1) & (lengths_B <= ids_BxS.shape[1])).all():
         raise ValueError(f"lengths must be {ids_BxS.shape[0]} values in [1, {ids_BxS.shape[1]}], "
                          f"got {lengths_B.tolist()}")
     pronoun_ids = np.asarray(pronoun_ids, np.int32)
-    model.validate_token_ids(pronoun_ids.reshape(1, -1), config, "pronoun ids")
+    checks.validate_token_ids(pronoun_ids.reshape(1, -1), config, "pronoun ids")
     return ids_BxS, lengths_B, pronoun_ids
 
 
@@ -307,7 +307,7 @@ def fit_scales(params: Params, config: BackpackConfig, batch: PromptBatch,
     cli.require("scipy", "fitting the sense scales (Nelder-Mead)")
     from scipy import optimize
 
-    sense = model.check_sense(config, sense)
+    sense = checks.check_sense(config, sense)
     Q = batch.num_templates
     scales, objectives, at_one, evaluations = [], [], [], []
     for j, token in enumerate(tqdm(professions.token_ids_J.tolist(), desc="fitting scales",
@@ -347,9 +347,9 @@ def sense_weight_curve(params: Params, config: BackpackConfig, prompt_ids: Seque
                        ) -> np.ndarray:
     """p(pronoun | prompt) [Y, 2] with sense `sense` of `token` weighted by each of `weights_Y`,
     all weights in one device call."""
-    sense = model.check_sense(config, sense)
+    sense = checks.check_sense(config, sense)
     ids_1xS, _, pronoun_ids = _check_rows(config, [prompt_ids], [len(prompt_ids)], pronoun_ids)
-    model.validate_token_ids(np.asarray([[token]]), config, "token")
+    checks.validate_token_ids(np.asarray([[token]]), config, "token")
     if token not in ids_1xS[0]:
         raise ValueError(f"the curve's prompt {list(prompt_ids)} does not contain token {token}")
     log_p_Yx2 = _curve_log_probs(params, jnp.asarray(ids_1xS), jnp.asarray(pronoun_ids),
@@ -435,7 +435,7 @@ def evaluate(params: Params, config: BackpackConfig, tokenizer: Any, *,
              progress: bool = True) -> GenderBias:
     """The three settings on the evaluation prompts, the fit on the fitting prompts, and the
     Figure 3 curve. `sense` defaults to `default_sense(config)`."""
-    sense = model.check_sense(config, default_sense(config) if sense is None else sense)
+    sense = checks.check_sense(config, default_sense(config) if sense is None else sense)
     if len(pronouns) != 2:
         raise ValueError(f"give two pronouns to compare, got {list(pronouns)}")
     if curve_points < 2:

@@ -40,7 +40,16 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from backpack_jax import atomic, batching, checkpoint, cli, model, senses, tokenizer as tokenization
+from backpack_jax import (
+    atomic,
+    batching,
+    checkpoint,
+    checks,
+    cli,
+    model,
+    senses,
+    tokenizer as tokenization,
+)
 from backpack_jax.config import BackpackConfig
 from backpack_jax.model import Params
 from backpack_jax.tokenizer import get_tokenizer
@@ -250,7 +259,7 @@ def word_vectors(params: Params, config: BackpackConfig, word_ids: Sequence[Sequ
     count_W = np.asarray([len(ids) for ids in word_ids], np.int32)
     for w, ids in enumerate(word_ids):
         ids_WxU[w, :len(ids)] = ids
-    model.validate_token_ids(ids_WxU, config, what="word token ids")
+    checks.validate_token_ids(ids_WxU, config, what="word token ids")
     out: dict[str, list[tuple[jax.Array, jax.Array]]] = {r: [] for r in REPRESENTATIONS}
     with tqdm(total=W, desc="word vectors", unit="word", disable=not progress) as bar:
         for win in batching.windows(W, batch_size):

@@ -46,7 +46,7 @@ def hf_model(export_dir):
 
 @pytest.fixture(scope="module")
 def tokenizer(export_dir):
-    return AutoTokenizer.from_pretrained(export_dir, trust_remote_code=True)
+    return AutoTokenizer.from_pretrained(export_dir, tokenizer_type="gpt2")  # as the card says
 
 
 def ids(batch, length, seed=0):
@@ -151,6 +151,36 @@ def test_loss_from_labels_is_the_shifted_cross_entropy(hf_model, params):
     assert abs(loss.item() - want) <= 1e-5 * want
 
 
+def test_the_tokenizer_loads_without_a_remote_code_question(export_dir, monkeypatch):
+    """transformers 5's AutoTokenizer reads the model's config, whose auto_map asks whether to
+    run remote code; the model card's `tokenizer_type="gpt2"` skips that."""
+    import transformers.dynamic_module_utils
+    import transformers.models.auto.configuration_auto
+    import transformers.models.auto.tokenization_auto
+
+    def asked(*args, **kwargs):
+        raise AssertionError("transformers asked about remote code")
+
+    for module in (transformers.dynamic_module_utils, transformers.models.auto.configuration_auto,
+                   transformers.models.auto.tokenization_auto):
+        monkeypatch.setattr(module, "resolve_trust_remote_code", asked)
+    with pytest.raises(AssertionError, match="asked about remote code"):
+        AutoTokenizer.from_pretrained(export_dir)  # what the model card no longer says
+    tok = AutoTokenizer.from_pretrained(export_dir, tokenizer_type="gpt2")
+    assert tok("Hello world").input_ids == [15496, 995] and tok.padding_side == "left"
+    assert "AutoTokenizer.from_pretrained(path, tokenizer_type='gpt2')" in (
+        export_dir / "README.md").read_text()
+
+
+def test_positions_past_the_model_are_a_clear_error(hf_model):
+    with pytest.raises(ValueError, match=rf"reaches position {CONFIG.n_positions + 1}, past this "
+                                         rf"model's n_positions={CONFIG.n_positions}"):
+        hf_model(torch.as_tensor(ids(1, CONFIG.n_positions + 1)))
+    cache = hf_model(torch.as_tensor(ids(1, CONFIG.n_positions)), use_cache=True).cache
+    with pytest.raises(ValueError, match="past this model's n_positions"):
+        hf_model(torch.as_tensor(ids(1, 1)), cache=cache)
+
+
 def test_cached_steps_equal_the_full_forward(hf_model):
     x = torch.as_tensor(ids(2, 8, seed=2))
     with torch.no_grad():
@@ -195,7 +225,7 @@ def test_hub_code_option_points_at_the_authors_code(params, tmp_path):
 
 
 def test_model_card_has_metadata_config_and_training(tmp_path):
-    assert flax_to_hf.main([str(WORKDIR), str(tmp_path / "hf")]) == 0
+    flax_to_hf.main([str(WORKDIR), str(tmp_path / "hf")])
     card = (tmp_path / "hf" / "README.md").read_text()
     front = card.split("---")[1]
     for line in ("library_name: transformers", "license: apache-2.0",

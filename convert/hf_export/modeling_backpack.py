@@ -253,6 +253,12 @@ class BackpackGPT2LMHeadModel(BackpackGPT2PreTrainedModel, GenerationMixin):
         if position_ids is None and attention_mask is not None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
             position_ids = position_ids[:, -input_ids.shape[1]:]
+        # GPT-2's position table would fail with a bare IndexError past its end.
+        reach = (int(position_ids.max()) + 1 if position_ids is not None else
+                 (cache.get_seq_length() if cache is not None else 0) + input_ids.shape[1])
+        if reach > self.config.n_positions:
+            raise ValueError(f"the input reaches position {reach}, past this model's "
+                             f"n_positions={self.config.n_positions}")
         hidden = self.backpack.gpt2_model(input_ids, cache=cache, attention_mask=attention_mask,
                                           position_ids=position_ids,
                                           use_cache=use_cache).last_hidden_state

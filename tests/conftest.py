@@ -7,7 +7,6 @@ import json
 import os
 import pathlib
 import signal
-import tempfile
 import time
 
 import jax
@@ -27,13 +26,16 @@ CACHE_SETTINGS = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
 
 
 def pytest_configure(config):
-    """JAX's persistent compilation cache for this process and every subprocess, under pytest's
-    cache directory (kept between sessions), or a temporary one without the cache plugin. A
-    JAX_COMPILATION_CACHE_DIR already set is used as it is."""
+    """JAX's persistent compilation cache for this process and every subprocess, in the user's
+    cache directory (`$XDG_CACHE_HOME` or ~/.cache, then backpack_jax/test-xla), so that every
+    checkout and session on the machine reuses what an earlier one compiled; the key holds
+    JAX's version, so an upgrade starts afresh. A JAX_COMPILATION_CACHE_DIR already set is used
+    as it is."""
     if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-        cache = getattr(config, "cache", None)
-        directory = (cache.mkdir("jax_compilation_cache") if cache is not None
-                     else pathlib.Path(tempfile.gettempdir()) / "backpack_jax_test_jax_cache")
+        user_cache = pathlib.Path(os.environ.get("XDG_CACHE_HOME")
+                                  or pathlib.Path.home() / ".cache")
+        directory = user_cache / "backpack_jax" / "test-xla"
+        directory.mkdir(parents=True, exist_ok=True)
         os.environ["JAX_COMPILATION_CACHE_DIR"] = str(directory)
     for name, value in CACHE_SETTINGS.items():
         os.environ.setdefault(name, value)

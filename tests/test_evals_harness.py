@@ -284,4 +284,5 @@ def test_command_line_wrapper(params, ckpt, tmp_path):
                           timeout=600)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"error: checkpoint path {tmp_path / 'nothing'} does not exist")
+        f"error: checkpoint path {tmp_path / 'nothing'} does not exist (nor is it a Hub id "
+        "such as stanfordnlp/backpack-gpt2)")

@@ -156,6 +156,14 @@ def test_init_from_a_converted_model(trained_run, tmp_path):
         train(th.config(**{"model.n_layer": 2}), tmp_path / "mismatch", init_from=str(converted))
 
 
+def test_a_finished_run_run_again_reports_its_last_heldout_loss(trained_run, capsys, tmp_path):
+    workdir = shutil.copytree(trained_run.workdir, tmp_path / "w")
+    logged = th.losses(workdir)[th.STEPS][1]
+    summary = train(th.config(), str(workdir))
+    assert summary["step"] == th.STEPS and summary["eval_loss"] == logged
+    assert f"held-out loss {round(logged, 4)} (the first" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_eval_cli_reproduces_the_logged_heldout_loss(trained_run, capsys, tmp_path):
     workdir = trained_run.workdir
@@ -239,7 +247,8 @@ def test_missing_openwebtext_is_one_line_and_writes_nothing(tmp_path):
 def test_bad_init_from_is_one_line(tmp_path, capsys):
     args = th.ARGS + [f"--workdir={tmp_path / 'w'}"]
     message = _one_line_error(main, args + [f"--init_from={tmp_path / 'nothing'}"], capsys)
-    assert message == f"error: checkpoint path {tmp_path / 'nothing'} does not exist"
+    assert message == (f"error: checkpoint path {tmp_path / 'nothing'} does not exist (nor is it "
+                       "a Hub id such as stanfordnlp/backpack-gpt2)")
     message = _one_line_error(main, args + [f"--init_from={OLD_WORKDIR}"], capsys)
     assert message.startswith(f"error: --init_from={OLD_WORKDIR}: its architecture differs")
     assert "'n_embd': (4, 32)" in message
@@ -249,7 +258,8 @@ def test_bad_init_from_is_one_line(tmp_path, capsys):
 def test_eval_errors_are_one_line(tmp_path, capsys):
     from train import eval as train_eval
     message = _one_line_error(train_eval.main, ["--checkpoint", str(tmp_path / "nothing")], capsys)
-    assert message == f"error: checkpoint path {tmp_path / 'nothing'} does not exist"
+    assert message == (f"error: checkpoint path {tmp_path / 'nothing'} does not exist (nor is it "
+                       "a Hub id such as stanfordnlp/backpack-gpt2)")
     message = _one_line_error(train_eval.main, ["--checkpoint", str(OLD_WORKDIR), "--data",
                                                 "nothing", "--data_dir", str(tmp_path)], capsys)
     assert message.startswith(f"error: no prepared dataset 'nothing' in {tmp_path}")

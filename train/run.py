@@ -372,12 +372,15 @@ def _summary(run: _Run, step: int, saved_step: int | None, log: _Log,
              curve: pathlib.Path | None) -> dict[str, Any]:
     primary = log.primary
     records = read_metrics(run.workdir) if primary else []
+    # The last evaluation logged, by this run or (a finished workdir run again) an earlier one.
+    evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+    eval_loss = log.last_eval if log.last_eval is not None or not evals else evals[-1]
     summary = {"step": step, "first_loss": records[0]["loss"] if records else None,
                "last_loss": records[-1]["loss"] if records else None,
-               "eval_loss": log.last_eval, "checkpoint": run.ckpts.directory / str(saved_step),
+               "eval_loss": eval_loss, "checkpoint": run.ckpts.directory / str(saved_step),
                "loss_curve": curve}
     if primary:
-        held_out = None if log.last_eval is None else round(log.last_eval, 4)
+        held_out = None if eval_loss is None else round(eval_loss, 4)
         print(f"done: step {step}, train loss {summary['last_loss']:.4f} (its batch), held-out "
               f"loss {held_out} (the first {run.config.eval_batches} held-out batches; "
               f"train.eval covers the whole split)\n"

@@ -351,6 +351,7 @@ def test_cli_prepare_and_inspect(corpus, tmp_path, capsys):
                "--batch_size", "2"])
     out = capsys.readouterr().out
     assert "dataset cli_tiny at" in out and "skipped" in out
+    assert "Downloading" not in out and "Preparing dataset cli_tiny from local text files" in out
     assert "train: " in out and "heldout: " in out and "windows of seq_len+1=17" in out
     assert "--- train batch row 1" in out
     with pytest.raises(SystemExit) as exit_info:

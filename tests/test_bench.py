@@ -65,7 +65,7 @@ def test_cpu_parts_run_and_render(tiny):
     for row in ("forward B=1 S=16 fp32", "forward B=2 S=16 fp32",
                 "forward B=1 S=16 fp32, sense table", "generate 6 new, B=1, cached",
                 "generate 6 new, B=1, cached + sense table", "train step tiny 2x16 float32",
-                "demo pane 48 new, B=1, prompt 4 padded to 16, sense table (`Demo.stream`)"):
+                "demo pane 48 new, B=1, prompt 4 padded to 64, sense table (`Demo.stream`)"):
         assert f"| {row} |" in table_md, row
     # Latency near the prompt's end, the middle (128 lies beyond this run) and the end.
     assert "| generation, ms per token near position | 4 | 7 | 10 |" in table_md

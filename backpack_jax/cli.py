@@ -24,7 +24,8 @@ from backpack_jax.atomic import write_json
 from backpack_jax.config import BackpackConfig, get_model_config
 
 USAGE_ERROR = 2  # the exit status of every user mistake, argparse's own
-CHECKPOINT_HELP = "converted model dir, training workdir or step, or Hugging Face dir"
+CHECKPOINT_HELP = ("Hub id (org/name, org/name@revision), converted model dir, training workdir or "
+                   "step, or Hugging Face dir")
 
 
 class MissingExtraError(ImportError):

@@ -17,6 +17,7 @@ import argparse
 import hashlib
 import os
 import signal
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator, Sequence
@@ -155,8 +156,8 @@ class Demo:
 
     def term_rows(self, a: attribution.Attribution) -> list[list[Any]]:
         """`attribution.top_terms` with the words: [word, position, sense, contribution]."""
-        return [[self.tokenizer.decode([a.token_ids[j]]), j, k, v]
-                for j, k, v in attribution.top_terms(a, TOP_TERMS)]
+        return [[self.tokenizer.decode([a.token_ids[j]]), j, k, float(f"{v:.4g}")]
+                for j, k, v in attribution.top_terms(a, TOP_TERMS)]  # 4 digits on the page
 
     # ------------------------------------------------------------------------------- steer
 
@@ -198,8 +199,9 @@ class Demo:
         if not ids:
             raise ValueError("the prompt is empty")
         if len(ids) > self.prompt_lengths[-1]:
-            raise ValueError(f"the prompt is {len(ids)} tokens; with {MAX_NEW_TOKENS} new "
-                             f"tokens this model takes at most {self.prompt_lengths[-1]}")
+            raise ValueError(f"the prompt is {len(ids)} tokens; this demo takes prompts of at "
+                             f"most {self.prompt_lengths[-1]} (it keeps room for up to "
+                             f"{MAX_NEW_TOKENS} new tokens)")
         return ids
 
     def prompt_width(self, n: int) -> int:
@@ -273,6 +275,13 @@ def _import_gradio() -> Any:
     return cli.require("gradio", "the demo", extra="demo")
 
 
+def user_error(gr: Any, error: ValueError) -> Any:
+    """A user's mistake: one `error: ...` line on the server's stderr (not Gradio's traceback)
+    and a message that stays on the page until closed."""
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    return gr.Error(str(error), duration=None, print_exception=False)
+
+
 def build_app(demo: Demo) -> Any:
     """The Gradio page: three tabs over `demo`. A ValueError from the library (bad input) is
     shown as a one-line message and the server keeps serving."""
@@ -284,7 +293,7 @@ def build_app(demo: Demo) -> Any:
             try:
                 return fn(*args)
             except ValueError as e:
-                raise gr.Error(str(e)) from None
+                raise user_error(gr, e) from None
         wrapped.__name__ = fn.__name__
         return wrapped
 
@@ -318,7 +327,7 @@ def build_app(demo: Demo) -> Any:
             yield from demo.side_by_side(prompt, int(max_new_tokens), edit, float(temperature),
                                          int(seed))
         except ValueError as e:
-            raise gr.Error(str(e)) from None
+            raise user_error(gr, e) from None
 
     with gr.Blocks(title="Backpack demo") as app:
         gr.Markdown(f"# Backpack language model\n{K} senses per word, "

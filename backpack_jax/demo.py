@@ -333,6 +333,9 @@ def build_app(demo: Demo) -> Any:
                  f"= {a.logit:.4f}, the sum of {a.contributions_SxK.size} terms")
         return title, demo.attribution_plot(a), demo.term_rows(a), ""
 
+    def intervention_controls(kind):
+        return [gr.update(visible=v) for v in shown_interventions(kind)]
+
     def steer(prompt, max_new_tokens, kind, word, sense, factor, topic_name, strength, edit_word,
               remove, add, temperature, seed,
               progress=gr.Progress(track_tqdm=True)):  # noqa: B008 (Gradio's API)
@@ -412,8 +415,7 @@ def build_app(demo: Demo) -> Any:
                                               "sampling)")
                 seed = gr.Number(value=0, precision=0,
                                  label="seed (the same in both panes)")
-            kind.change(lambda k: [gr.update(visible=v) for v in shown_interventions(k)], kind,
-                        [scale_row, topic_row, knowledge_row], api_name=False)
+            kind.change(intervention_controls, kind, [scale_row, topic_row, knowledge_row])
             go = gr.Button("Generate", elem_id="generate")
             steer_status = gr.Markdown(elem_id="steer_status")
             with gr.Row():

@@ -94,7 +94,7 @@ def server(tiny):
         log.close()
     assert rc == 0, f"the demo did not shut down cleanly (rc {rc}):\n{output}"
     # Bad input is one line each; the only traceback is Gradio's own check of a number's range.
-    assert output.count("Traceback") == output.count("gradio.exceptions.Error: Value "), output
+    assert output.count("Traceback") == output.count("gradio.exceptions.Error: 'Value "), output
     assert "steer: bad input: sense index 99 is out of range" in output, output
 
 

@@ -40,13 +40,14 @@ from backpack_jax import (
 from backpack_jax.checks import check_sense
 from backpack_jax.config import BackpackConfig
 from backpack_jax.model import Params
-from backpack_jax.tokenizer import get_tokenizer, single_token, word_ids
+from backpack_jax.tokenizer import get_tokenizer, single_token, tokenization, word_ids
 
 TOP_WORDS = 8  # words per sense and direction in the sense table
 TOP_TERMS = 10  # attribution terms listed
 MAX_NEW_TOKENS = 48  # every generation runs with this cache length and stops at the asked count
 MAX_TEMPERATURE = 2.0
 TOP_K = 50  # sampling keeps the 50 likeliest tokens (as `python -m backpack_jax.generate`)
+DIGITS = 4  # significant digits of a contribution shown
 PLOT_TOKENS = 64  # the longest text the heatmaps and the attribution grid show
 # Texts and prompts are padded to `batching.bucket` widths from this one: a short text costs
 # little more at 64 positions, and fewer widths compile at start-up.
@@ -114,6 +115,12 @@ class Demo:
     def labels(self, ids: Sequence[int]) -> list[str]:
         return [self.tokenizer.decode([i]) for i in ids]
 
+    def several_tokens(self, word: str, use: str) -> str:
+        """For a word of several tokens, how it was split and what the control does with the
+        tokens (`use`), so that no part of a word is used unsaid; '' for one token."""
+        ids = word_ids(word, self.tokenizer)
+        return f"{tokenization(ids, self.tokenizer)}: {use}" if len(ids) > 1 else ""
+
     # ------------------------------------------------------------------------------ senses
 
     def sense_rows(self, word: str, subword: str = "first", top: int = TOP_WORDS
@@ -155,9 +162,10 @@ class Demo:
         return path
 
     def term_rows(self, a: attribution.Attribution) -> list[list[Any]]:
-        """`attribution.top_terms` with the words: [word, position, sense, contribution]."""
-        return [[self.tokenizer.decode([a.token_ids[j]]), j, k, float(f"{v:.4g}")]
-                for j, k, v in attribution.top_terms(a, TOP_TERMS)]  # 4 digits on the page
+        """`attribution.top_terms` with the words: [word, position, sense, contribution], the
+        contribution to `DIGITS` significant digits (a float32 sum has no more to show)."""
+        return [[self.tokenizer.decode([a.token_ids[j]]), j, k, float(f"{v:.{DIGITS}g}")]
+                for j, k, v in attribution.top_terms(a, TOP_TERMS)]
 
     # ------------------------------------------------------------------------------- steer
 
@@ -199,9 +207,11 @@ class Demo:
         if not ids:
             raise ValueError("the prompt is empty")
         if len(ids) > self.prompt_lengths[-1]:
-            raise ValueError(f"the prompt is {len(ids)} tokens; this demo takes prompts of at "
-                             f"most {self.prompt_lengths[-1]} (it keeps room for up to "
-                             f"{MAX_NEW_TOKENS} new tokens)")
+            raise ValueError(
+                f"the prompt is {len(ids)} tokens; this model takes at most "
+                f"{self.prompt_lengths[-1]}, whatever the number of new tokens ({max_new_tokens} "
+                f"asked): n_positions={self.config.n_positions} keeps room for the demo's "
+                f"{MAX_NEW_TOKENS}-token generation cache")
         return ids
 
     def prompt_width(self, n: int) -> int:
@@ -275,59 +285,77 @@ def _import_gradio() -> Any:
     return cli.require("gradio", "the demo", extra="demo")
 
 
-def user_error(gr: Any, error: ValueError) -> Any:
-    """A user's mistake: one `error: ...` line on the server's stderr (not Gradio's traceback)
-    and a message that stays on the page until closed."""
-    print(f"error: {error}", file=sys.stderr, flush=True)
-    return gr.Error(str(error), duration=None, print_exception=False)
+def bad_input(control: str, e: ValueError) -> str:
+    """The status line of a control given bad input, logged as one line on stderr: the
+    user's mistake, not the server's, so no traceback."""
+    print(f"{control}: bad input: {e}", file=sys.stderr, flush=True)
+    return f"**Error:** {e}"
+
+
+def shown_interventions(kind: str) -> list[bool]:
+    """Which rows of controls to show, in the order of `INTERVENTIONS`: the chosen one's."""
+    return [kind == k for k in INTERVENTIONS]
 
 
 def build_app(demo: Demo) -> Any:
-    """The Gradio page: three tabs over `demo`. A ValueError from the library (bad input) is
-    shown as a one-line message and the server keeps serving."""
+    """The Gradio page: three tabs over `demo`. Each control ends with a status line: a note
+    (how a word of several tokens was used), or the message of a ValueError (bad input), which
+    stays until the next click and clears the control's outputs so that no stale result stands
+    beside it; the server keeps serving."""
     gr = _import_gradio()
     K = demo.config.num_senses
 
-    def shown(fn):
-        def wrapped(*args):
-            try:
-                return fn(*args)
-            except ValueError as e:
-                raise user_error(gr, e) from None
-        wrapped.__name__ = fn.__name__
-        return wrapped
+    def shown(*cleared):
+        def wrap(fn):
+            def wrapped(*args):
+                try:
+                    return fn(*args)
+                except ValueError as e:
+                    return *cleared, bad_input(fn.__name__, e)
+            wrapped.__name__ = fn.__name__
+            return wrapped
+        return wrap
 
-    @shown
+    @shown(None)
     def sense_table(word, subword):
-        return demo.sense_rows(word, subword)
+        use = ("the senses of its first token" if subword == "first"
+               else "the mean of its tokens' senses")
+        return demo.sense_rows(word, subword), demo.several_tokens(word, use)
 
-    @shown
+    @shown(None)
     def heatmaps(text, chosen):
-        return demo.heatmaps(text, [int(k) for k in chosen])
+        return demo.heatmaps(text, [int(k) for k in chosen]), ""
 
-    @shown
+    @shown("", None, None)
     def attribute(text, position, target):
         a = demo.attribute(text, int(position), target)
         title = (f"logit of {demo.tokenizer.decode([a.target])!r} after position {a.position} "
                  f"= {a.logit:.4f}, the sum of {a.contributions_SxK.size} terms")
-        return title, demo.attribution_plot(a), demo.term_rows(a)
+        return title, demo.attribution_plot(a), demo.term_rows(a), ""
+
+    def intervention_controls(kind):
+        return [gr.update(visible=v) for v in shown_interventions(kind)]
 
     def steer(prompt, max_new_tokens, kind, word, sense, factor, topic_name, strength, edit_word,
               remove, add, temperature, seed,
               progress=gr.Progress(track_tqdm=True)):  # noqa: B008 (Gradio's API)
         try:
+            note = ""
             if kind == "scale a sense":
                 edit = demo.scale_edit(word, int(sense), float(factor))
+                note = demo.several_tokens(word, f"sense {int(sense)} of each token scaled")
             elif kind == "topic":
                 edit = demo.topic_edit(topic_name, int(strength))
             elif kind == "knowledge edit":
                 edit = demo.knowledge(edit_word, remove, add)
+                note = demo.several_tokens(edit_word, "each token edited")
             else:
                 raise ValueError(f"unknown intervention {kind!r}")
-            yield from demo.side_by_side(prompt, int(max_new_tokens), edit, float(temperature),
-                                         int(seed))
+            for panes in demo.side_by_side(prompt, int(max_new_tokens), edit,
+                                           float(temperature), int(seed)):
+                yield *panes, note
         except ValueError as e:
-            raise user_error(gr, e) from None
+            yield "", "", bad_input("steer", e)
 
     with gr.Blocks(title="Backpack demo") as app:
         gr.Markdown(f"# Backpack language model\n{K} senses per word, "
@@ -337,43 +365,47 @@ def build_app(demo: Demo) -> Any:
                 word = gr.Textbox(label="word", value="nurse", elem_id="word")
                 subword = gr.Radio(list(senses.SUBWORD_CHOICES), value="first",
                                    label="a word of several tokens: its first token or the mean")
+            senses_status = gr.Markdown(elem_id="senses_status")
             table = gr.Dataframe(headers=["sense", "promotes", "suppresses"], elem_id="senses",
                                  label="what each sense promotes and suppresses (E @ sense)")
-            gr.Button("Look up", elem_id="lookup").click(sense_table, [word, subword], table,
-                                                        api_name="senses")
-            word.submit(sense_table, [word, subword], table)
+            gr.Button("Look up", elem_id="lookup").click(
+                sense_table, [word, subword], [table, senses_status], api_name="senses")
+            word.submit(sense_table, [word, subword], [table, senses_status])
         with gr.Tab("Contextualization"):
             text = gr.Textbox(label="text", value="The nurse said that", elem_id="text")
             chosen = gr.CheckboxGroup(list(range(K)), value=list(range(min(K, 4))),
                                       label="senses", type="value")
             alpha = gr.Image(label="alpha: rows predict, columns are the weighted words",
                              type="filepath", elem_id="alpha")
+            alpha_status = gr.Markdown(elem_id="alpha_status")
             gr.Button("Show weights", elem_id="show_alpha").click(
-                heatmaps, [text, chosen], alpha, api_name="heatmaps")
+                heatmaps, [text, chosen], [alpha, alpha_status], api_name="heatmaps")
             with gr.Row():
                 position = gr.Number(value=-1, precision=0,
                                      label="predicting position (negative: from the end)")
                 target = gr.Textbox(label="next word (default: the model's top token)")
+            attribution_status = gr.Markdown(elem_id="attribution_status")
             headline = gr.Markdown()
             grid = gr.Image(label="word x sense terms of that logit", type="filepath")
             terms = gr.Dataframe(headers=["word", "position", "sense", "contribution"],
                                  label=f"the {TOP_TERMS} largest terms")
             gr.Button("Attribute", elem_id="attribute").click(
-                attribute, [text, position, target], [headline, grid, terms],
+                attribute, [text, position, target], [headline, grid, terms, attribution_status],
                 api_name="attribute")
         with gr.Tab("Steer"):
             with gr.Row():
                 prompt = gr.Textbox(label="prompt", value="The nurse said that", elem_id="prompt")
                 max_new = gr.Slider(1, MAX_NEW_TOKENS, value=20, step=1, label="new tokens")
             kind = gr.Radio(list(INTERVENTIONS), value=INTERVENTIONS[0], label="intervention")
-            with gr.Row():
+            visible = dict(zip(INTERVENTIONS, shown_interventions(kind.value), strict=True))
+            with gr.Row(visible=visible["scale a sense"]) as scale_row:
                 s_word = gr.Textbox(value="nurse", label="scale: word")
                 s_sense = gr.Number(value=demo.default_sense, precision=0, label="sense")
                 s_factor = gr.Number(value=0.0, label="factor (0 removes the sense)")
-            with gr.Row():
+            with gr.Row(visible=visible["topic"]) as topic_row:
                 t_name = gr.Dropdown(sorted(topic.TOPICS), value="sports", label="topic")
                 t_strength = gr.Slider(1, 3, value=2, step=1, label="strength")
-            with gr.Row():
+            with gr.Row(visible=visible["knowledge edit"]) as knowledge_row:
                 k_word = gr.Textbox(value="MacBook", label="knowledge edit: word")
                 k_remove = gr.Textbox(value="Apple", label="from")
                 k_add = gr.Textbox(value="HP", label="to")
@@ -383,14 +415,15 @@ def build_app(demo: Demo) -> Any:
                                               "sampling)")
                 seed = gr.Number(value=0, precision=0,
                                  label="seed (the same in both panes)")
+            kind.change(intervention_controls, kind, [scale_row, topic_row, knowledge_row])
             go = gr.Button("Generate", elem_id="generate")
+            steer_status = gr.Markdown(elem_id="steer_status")
             with gr.Row():
                 plain = gr.Textbox(label="unmodified", lines=6, elem_id="plain")
                 edited = gr.Textbox(label="with the intervention", lines=6, elem_id="edited")
             go.click(steer, [prompt, max_new, kind, s_word, s_sense, s_factor, t_name,
                              t_strength, k_word, k_remove, k_add, temperature, seed],
-                     [plain, edited],
-                     api_name="steer")
+                     [plain, edited, steer_status], api_name="steer")
     return app
 
 

@@ -154,7 +154,12 @@ def single_token(word: str, tokenizer: Tokenizer, what: str = "the word",
     target, a bag of words, a pronoun); otherwise a ValueError that shows the tokens."""
     ids = word_ids(word, tokenizer, leading_space)
     if len(ids) != 1:
-        pieces = ", ".join(repr(tokenizer.decode([i])) for i in ids)
-        raise ValueError(f"{tokenizer.decode(ids)!r} is {len(ids)} tokens ({pieces}); {what} "
-                         "must be one token")
+        raise ValueError(f"{tokenization(ids, tokenizer)}; {what} must be one token")
     return ids[0]
+
+
+def tokenization(ids: list[int], tokenizer: Tokenizer) -> str:
+    """How a word was split, e.g. "' nurse' is 2 tokens (' n', 'urse')": the one wording of
+    every message about a word of several tokens."""
+    pieces = ", ".join(repr(tokenizer.decode([i])) for i in ids)
+    return f"{tokenizer.decode(ids)!r} is {len(ids)} tokens ({pieces})"

@@ -28,7 +28,7 @@ from backpack_jax import (
     topic,
 )
 from backpack_jax.config import get_model_config
-from backpack_jax.tokenizer import get_tokenizer, word_ids
+from backpack_jax.tokenizer import get_tokenizer, single_token, word_ids
 
 gradio_client = pytest.importorskip("gradio_client", reason="pip install 'backpack-jax[demo]'")
 AppError = gradio_client.exceptions.AppError
@@ -93,9 +93,9 @@ def server(tiny):
         output = log.read()
         log.close()
     assert rc == 0, f"the demo did not shut down cleanly (rc {rc}):\n{output}"
-    # A user's mistake is one `error: ...` line on the server's stderr. The only tracebacks are
-    # Gradio's own, for a value outside a control's range (reachable through the API alone).
+    # Bad input is one line each; the only traceback is Gradio's own check of a number's range.
     assert output.count("Traceback") == output.count("gradio.exceptions.Error: 'Value "), output
+    assert "steer: bad input: sense index 99 is out of range" in output, output
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +137,49 @@ def test_padding_keeps_the_real_positions(tiny):
                                atol=1e-6)
 
 
+def test_a_word_of_several_tokens_is_said(tiny):
+    """A word of several tokens is used with a note of its tokens; a word needed as one token
+    is refused with the same tokens."""
+    root, params, config = tiny
+    d = demo.Demo(params, config, topic_cache=str(root / "unused.npy"))
+    assert d.several_tokens("nurse", "using its first token") == ""
+    tokens = "' xyzzyplugh' is 5 tokens (' x', 'y', 'zzy', 'pl', 'ugh')"
+    assert d.several_tokens("xyzzyplugh", "using its first token") == (
+        f"{tokens}: using its first token")
+    with pytest.raises(ValueError) as refused:
+        single_token("xyzzyplugh", d.tokenizer, "the target")
+    assert str(refused.value) == f"{tokens}; the target must be one token"
+
+
+def test_contributions_are_rounded_for_display(tiny):
+    root, params, config = tiny
+    d = demo.Demo(params, config, topic_cache=str(root / "unused.npy"))
+    a = d.attribute(PROMPT, -1)
+    want = attribution.top_terms(a, demo.TOP_TERMS)
+    shown = [row[3] for row in d.term_rows(a)]
+    np.testing.assert_allclose(shown, [v for *_, v in want], rtol=10 ** (1 - demo.DIGITS))
+    assert shown == [float(f"{v:.{demo.DIGITS}g}") for v in shown], shown  # Nothing more.
+
+
+def test_the_prompt_limit_names_the_tokens_asked(tiny):
+    root, params, config = tiny
+    d = demo.Demo(params, config, topic_cache=str(root / "unused.npy"))
+    with pytest.raises(ValueError, match=r"the prompt is 40 tokens; this model takes at most 32,"
+                                         r" whatever the number of new tokens \(20 asked\)"):
+        d.prompt_ids(" a" * 40, 20)
+
+
+def test_bad_input_is_one_line_on_stderr(capsys):
+    assert demo.bad_input("steer", ValueError("the word is empty")) == (
+        "**Error:** the word is empty")
+    assert capsys.readouterr().err == "steer: bad input: the word is empty\n"
+
+
+def test_only_the_chosen_interventions_controls_show():
+    assert [demo.shown_interventions(k) for k in demo.INTERVENTIONS] == [
+        [True, False, False], [False, True, False], [False, False, True]]
+
+
 def test_without_the_sense_table(tiny):
     """`--no_sense_table`: the panes are the sense network's own generation."""
     root, params, config = tiny
@@ -154,7 +197,9 @@ def test_controls_match_the_library(tiny, server, client):
     max_VxK = server[1]
     tokenizer = get_tokenizer()
 
-    rows = _table(client.predict("nurse", "first", api_name="/senses"))
+    rows, status = client.predict("nurse", "first", api_name="/senses")
+    rows = _table(rows)
+    assert status == ""
     ws = senses.word_senses(params, config, "nurse", tokenizer)
     table = senses.format_sense_table(
         senses.project_senses(params, ws.senses_KxD, top=demo.TOP_WORDS,
@@ -163,18 +208,18 @@ def test_controls_match_the_library(tiny, server, client):
     assert [[str(c).strip() for c in row] for row in rows] == expected
     assert len(rows) == config.num_senses
 
-    image = client.predict(PROMPT, [0, 1], api_name="/heatmaps")
+    image, _ = client.predict(PROMPT, [0, 1], api_name="/heatmaps")
     with open(image, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
-    headline, grid, terms = client.predict(PROMPT, -1, "", api_name="/attribute")
+    headline, grid, terms, _ = client.predict(PROMPT, -1, "", api_name="/attribute")
     a = attribution.attribute(params, config, tokenizer.encode(PROMPT), -1)
     assert f"= {a.logit:.4f}" in headline and os.path.exists(grid)
     got = _table(terms)
     want = attribution.top_terms(a, demo.TOP_TERMS)
     assert [(int(r[1]), int(r[2])) for r in got] == [(j, k) for j, k, _ in want]
-    # Shown to 4 significant digits.
-    assert [float(r[3]) for r in got] == [float(f"{v:.4g}") for *_, v in want]
+    np.testing.assert_allclose([float(r[3]) for r in got], [v for *_, v in want],
+                               rtol=10 ** (1 - demo.DIGITS))
 
     ids = tokenizer.encode(PROMPT)
     table = sense_table.build(params, config)
@@ -195,16 +240,8 @@ def test_controls_match_the_library(tiny, server, client):
             job = client.submit(PROMPT, 12, kind, "nurse", sense, 0.0, "sports", 3, "nurse",
                                 "said", "cat", temperature, seed, api_name="/steer")
             want = (plain, _generated(params, config, ids, 12, edit, table, temperature, seed))
-            assert tuple(job.result()) == want, (kind, temperature)
+            assert tuple(job.result()) == (*want, ""), (kind, temperature)
             assert len(job.outputs()) > 1, "the panes should stream"
-
-
-def test_a_user_error_is_one_line_and_a_message_that_stays(capsys):
-    gradio = pytest.importorskip("gradio")
-    shown = demo.user_error(gradio, ValueError("the word is empty"))
-    assert capsys.readouterr().err == "error: the word is empty\n"
-    assert (shown.message, shown.duration, shown.print_exception) == (
-        "the word is empty", None, False)
 
 
 @pytest.mark.slow
@@ -212,20 +249,34 @@ def test_a_user_error_is_one_line_and_a_message_that_stays(capsys):
     ("/senses", ("  ", "first"), "the word is empty"),
     ("/steer", (PROMPT, 5, "scale a sense", "nurse", 99, 0.0, "sports", 1, "a", "b", "c", 0, 0),
      "sense index 99 is out of range"),
-    ("/steer", (PROMPT, 5, "scale a sense", "nurse", 0, 0.0, "sports", 1, "a", "b", "c", -1, 0),
-     "less than minimum value 0"),
     ("/attribute", (" a" * 200, -1, ""), "n_positions=80"),
     ("/attribute", (PROMPT, 7, ""), "position 7 is outside"),
     ("/steer", (PROMPT, 5, "knowledge edit", "nurse", 0, 0.0, "sports", 1, "nurse",
                 "xyzzyplugh", "cat", 0, 0), "the word to remove must be one token"),
 ])
 def test_bad_input_is_a_message_and_the_server_keeps_serving(client, endpoint, args, message):
-    with pytest.raises(AppError, match=message):
-        if endpoint == "/steer":
-            client.submit(*args, api_name=endpoint).result()
-        else:
-            client.predict(*args, api_name=endpoint)
-    assert _table(client.predict("nurse", "first", api_name="/senses"))
+    """The message stays in the control's status line and its other outputs are cleared."""
+    if endpoint == "/steer":
+        *outputs, status = client.submit(*args, api_name=endpoint).result()
+    else:
+        *outputs, status = client.predict(*args, api_name=endpoint)
+    assert status.startswith("**Error:** ") and message in status, status
+    assert all(not _table(o) for o in outputs), outputs
+    assert _table(client.predict("nurse", "first", api_name="/senses")[0])
+
+
+@pytest.mark.slow
+def test_gradios_own_range_check(client):
+    with pytest.raises(AppError, match="less than minimum value 0"):
+        client.submit(PROMPT, 5, "scale a sense", "nurse", 0, 0.0, "sports", 1, "a", "b", "c",
+                      -1, 0, api_name="/steer").result()
+
+
+@pytest.mark.slow
+def test_a_word_of_several_tokens_is_noted(client):
+    rows, status = client.predict("xyzzyplugh", "mean", api_name="/senses")
+    assert _table(rows) and status == ("' xyzzyplugh' is 5 tokens (' x', 'y', 'zzy', 'pl', "
+                                       "'ugh'): the mean of its tokens' senses"), status
 
 
 @pytest.mark.slow

@@ -62,7 +62,7 @@ def offline(monkeypatch, tmp_path):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
-    monkeypatch.chdir(ROOT)  # The tasks' data paths are relative to the repository root.
+    monkeypatch.chdir(tmp_path)  # The task YAMLs must find their data from any directory.
 
 
 # ---------------------------------------------------------------------- direct computations
@@ -271,7 +271,7 @@ def test_command_line_wrapper(params, ckpt, tmp_path):
                "--tasks", "backpack_choice", "--include_path", str(TASKS), "--batch_size", "4"]
     proc = subprocess.run(command + ["--model_args", f"checkpoint={ckpt}", "--output_path",
                                      str(tmp_path / "out")],
-                          cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True,
+                          cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "backpack_choice" in proc.stdout
@@ -280,7 +280,7 @@ def test_command_line_wrapper(params, ckpt, tmp_path):
     assert json.loads(path.read_text())["results"]["backpack_choice"]["acc,none"] == (
         pytest.approx(acc))
     proc = subprocess.run(command + ["--model_args", f"checkpoint={tmp_path / 'nothing'}"],
-                          cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True,
+                          cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == (

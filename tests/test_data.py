@@ -102,6 +102,26 @@ def test_build_keeps_every_good_document_and_counts_the_bad(corpus):
     assert "local text files" in builder.info.metadata["source"]
 
 
+def test_small_corpus_still_holds_out_its_lowest_ranked_document(tmp_path):
+    source = tmp_path / "src"
+    source.mkdir()
+    texts = {f"doc{i}.txt": f"document number {i} of a small folder." for i in range(8)}
+    for name, text in texts.items():
+        (source / name).write_text(text)
+    ranks = {name: sources.HeldoutSelector(0.0, 0, True).rank(name) for name in texts}
+    fraction = min(ranks.values()) / 2  # no key falls below it
+    plan = text_dataset.local_text_plan(source, heldout_fraction=fraction, seed=0)
+    text_dataset.build("small", plan, tmp_path / "data")
+    tok = get_tokenizer()
+    heldout = [tok.decode(d) for d in _records("small", "heldout", tmp_path / "data")]
+    train = [tok.decode(d) for d in _records("small", "train", tmp_path / "data")]
+    assert heldout == [texts[min(ranks, key=ranks.get)]]
+    assert sorted(train + heldout) == sorted(texts.values())
+    metadata = tfds.builder("small", data_dir=os.fspath(tmp_path / "data")).info.metadata
+    assert metadata["heldout_fraction"] == fraction
+    assert min(ranks.values()) < metadata["heldout_threshold"] < sorted(ranks.values())[1]
+
+
 def test_heldout_choice_is_seeded_and_independent_of_workers(corpus, tmp_path):
     source, data_dir, _ = corpus
     plan = text_dataset.local_text_plan(source, heldout_fraction=0.25, seed=0)

@@ -203,6 +203,10 @@ class HeldoutSelector:
     seed: int
     heldout: bool
 
-    def __call__(self, key: str) -> bool:
+    def rank(self, key: str) -> float:
+        """Where the key falls in [0, 1): it is held out below `fraction`."""
         digest = hashlib.blake2b(f"{self.seed}\0{key}".encode(), digest_size=8).digest()
-        return (int.from_bytes(digest, "big") / 2**64 < self.fraction) == self.heldout
+        return int.from_bytes(digest, "big") / 2**64
+
+    def __call__(self, key: str) -> bool:
+        return (self.rank(key) < self.fraction) == self.heldout

@@ -117,6 +117,7 @@ class _ShardTokens:
     tokens: list[np.ndarray]
     skipped: list[str]
     empty: int
+    lowest: tuple[float, str] | None = None  # (rank, key) of the lowest held-out rank seen
 
 
 def _tokenize_task(task: Task) -> _ShardTokens:
@@ -124,7 +125,13 @@ def _tokenize_task(task: Task) -> _ShardTokens:
     shard, keep = task
     encode = get_tokenizer().encode
     result = _ShardTokens([], [], 0)
-    for key, text in shard.documents(keep):
+
+    def keep_and_rank(key: str) -> bool:
+        if isinstance(keep, HeldoutSelector):
+            result.lowest = min(result.lowest or (1.0, key), (keep.rank(key), key))
+        return keep(key)
+
+    for key, text in shard.documents(keep_and_rank):
         if text is None:
             result.skipped.append(key)
         elif not text:
@@ -158,6 +165,7 @@ class _TokenizedText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def __init__(self, *, plan: BuildPlan, task_map: TaskMap, **kwargs: Any) -> None:
         self._plan = plan
         self._task_map = task_map
+        self._heldout_threshold: float | None = None  # set when no key falls below the fraction
         super().__init__(**kwargs)
 
     def _log_download_bytes(self) -> None:
@@ -227,8 +235,12 @@ class _TokenizedText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 for split, tasks in self._plan.splits.items()}
 
     def _generate_examples(self, split: str, tasks: list[Task]) -> Iterator[tuple[int, dict]]:
+        if self._heldout_threshold is not None:
+            tasks = [(shard, dataclasses.replace(keep, fraction=self._heldout_threshold)
+                      if isinstance(keep, HeldoutSelector) else keep) for shard, keep in tasks]
         lengths: list[int] = []
         skipped = empty = 0
+        lowest: tuple[float, str] | None = None
         with tqdm.tqdm(total=len(tasks), desc=f"Tokenizing {self.name} {split}",
                        unit="shard") as progress:
             for result in self._task_map(_tokenize_task, tasks):
@@ -239,10 +251,21 @@ class _TokenizedText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                     log.warning("skipped %s: unreadable or not UTF-8 (or no `text` string)", key)
                 skipped += len(result.skipped)
                 empty += result.empty
+                if result.lowest is not None:
+                    lowest = min(lowest or result.lowest, result.lowest)
                 progress.update()
                 progress.set_postfix(docs=len(lengths), skipped=skipped, refresh=False)
+        fraction = self._plan.metadata.get("heldout_fraction")
+        if not lengths and split == HELDOUT and lowest and self._heldout_threshold is None:
+            # A small corpus may have no key below the fraction: hold out the lowest-ranked one
+            # (the train split then uses the same threshold, so no document is in both).
+            self._heldout_threshold = float(np.nextafter(lowest[0], 1.0))
+            self.info.metadata["heldout_threshold"] = self._heldout_threshold
+            log.warning("no document of %s falls below the held-out fraction %s; holding out the "
+                        "lowest-ranked one, %s", self.name, fraction, lowest[1])
+            yield from self._generate_examples(split, tasks)
+            return
         if not lengths:
-            fraction = self._plan.metadata.get("heldout_fraction")
             hint = f"; raise the held-out fraction ({fraction})" if split == HELDOUT else ""
             raise ValueError(f"split {split!r} of {self.name} would be empty ({skipped} unreadable "
                              f"and {empty} empty documents){hint}")

@@ -53,3 +53,22 @@ def check_sense(config: BackpackConfig, sense: Any) -> int:
         raise ValueError(f"sense index {sense!r} is out of range: this model has "
                          f"num_senses={config.num_senses} (valid: 0..{config.num_senses - 1})")
     return int(sense)
+
+
+def position_ids(position_ids: Any, config: BackpackConfig, B: int, S: int) -> jax.Array:
+    """Positions [B, S] from None (0..S-1), [S] or [B, S], checked against n_positions."""
+    if position_ids is None:
+        position_ids = jnp.arange(S, dtype=jnp.int32)
+    if getattr(position_ids, "ndim", None) == 1:
+        position_ids = jnp.broadcast_to(position_ids, (B, S))
+    if getattr(position_ids, "shape", None) != (B, S):
+        raise ValueError(f"position_ids must have shape [{B}, {S}] (or [{S}]), "
+                         f"got {getattr(position_ids, 'shape', None)}")
+    validate_token_ids(position_ids, config, "position_ids", limit=config.n_positions)
+    return position_ids
+
+
+def shape(what: str, array: Any, expected: tuple[int, ...]) -> None:
+    """A ValueError unless `array` is None or has the `expected` shape."""
+    if array is not None and tuple(array.shape) != expected:
+        raise ValueError(f"{what} must have shape {expected}, got {tuple(array.shape)}")

@@ -30,8 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from backpack_jax import xla_cpu
-from backpack_jax.checks import validate_token_ids
+from backpack_jax import checks, xla_cpu
 from backpack_jax.config import BackpackConfig
 from backpack_jax.decode_cache import DecodeCache, write_at
 from backpack_jax.edits import ReweightInputs, SenseEdit, check_edit
@@ -428,7 +427,7 @@ def _sense_vectors(params: Params, ids_Cx1: jax.Array, config: BackpackConfig) -
 def sense_vectors(params: Params, config: BackpackConfig, token_ids: Any) -> jax.Array:
     """Sense vectors [C, K, D] of C token ids (no n_positions limit: each is its own row)."""
     ids_Cx1 = np.asarray(token_ids, dtype=np.int32).reshape(-1, 1)
-    validate_token_ids(ids_Cx1, config, what="token_ids")
+    checks.validate_token_ids(ids_Cx1, config, what="token_ids")
     return _sense_vectors(params, jnp.asarray(ids_Cx1), config)
 
 
@@ -472,23 +471,13 @@ def apply(params: Params, input_ids: jax.Array, config: BackpackConfig, *,
       kernels: how backend-tunable operations are computed; default `kernels_for` the default
         backend (`PLAIN` gives the plain forms everywhere).
     """
-    validate_token_ids(input_ids, config)
+    checks.validate_token_ids(input_ids, config)
     check_edit(sense_edit)
     B, S = input_ids.shape
-    if position_ids is None:
-        position_ids = jnp.arange(S, dtype=jnp.int32)
-    if getattr(position_ids, "ndim", None) == 1:
-        position_ids = jnp.broadcast_to(position_ids, (B, S))
-    if getattr(position_ids, "shape", None) != (B, S):
-        raise ValueError(f"position_ids must have shape [{B}, {S}] (or [{S}]), "
-                         f"got {getattr(position_ids, 'shape', None)}")
-    validate_token_ids(position_ids, config, "position_ids", limit=config.n_positions)
+    position_ids = checks.position_ids(position_ids, config, B, S)
     if train and rng is None:
         raise ValueError("apply(train=True) needs an `rng` for dropout")
-    if contextualization is not None and contextualization.shape != (
-            B, config.num_senses, S, S):
-        raise ValueError(f"contextualization must have shape {(B, config.num_senses, S, S)}, "
-                         f"got {contextualization.shape}")
+    checks.shape("contextualization", contextualization, (B, config.num_senses, S, S))
     kernels = kernels or kernels_for(jax.default_backend())
     # How the batch runs: XLA's CPU GEMMs run chunks of whole rows faster than the whole batch.
     # Not in training: its dropout masks are drawn for the whole batch, chunks would draw others.

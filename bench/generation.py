@@ -1,8 +1,11 @@
-"""Batch-1 greedy generation: cached decoding vs the reference's full forward per new token.
+"""Generation: batch-1 greedy cached decoding vs the reference's full forward per new token,
+and batched sampling against its compute bound.
 
 Throughput is `generate` (the whole loop on the device); per-token latency near given positions
 comes from `stream`, which hands each token to the host as it is chosen. The demo's pane
-(`Demo.stream`) is timed in the same run, to compare with the decoding it is built on.
+(`Demo.stream`) is timed in the same run, to compare with the decoding it is built on. Batched
+sampling (temperature 1, no filter) is the workload of topic control and lm-eval's
+`generate_until`: at B >= 8 a decode step is bound by the GEMM rate, not by reading the weights.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 
+import jax
 import numpy as np
 import torch
 
@@ -105,6 +109,36 @@ def run(config: BackpackConfig, reference, params, prompt_len: int, new_tokens: 
                                         prompt_len, near)
         result["speedup"] = result["jax"]["tokens_per_s"] / result["reference"]["tokens_per_s"]
         result["same_first_tokens"] = _agreement(reference, prompt, jax_tokens)
+    return result
+
+
+def batched(config: BackpackConfig, params, batch: int, prompt_len: int, new_tokens: int,
+            repeats: int = 2, gemm_probe: Callable[[], float] | None = None) -> dict:
+    """Sampling at temperature 1 for `batch` prompts: tokens/s of `generate`, and its decode
+    step, (time of `new_tokens` - time of 1) / (new_tokens - 1). `gemm_probe` (GFLOP/s)
+    measures the GEMM rate around each turn, its best kept as `gemm_gflops`."""
+    prompt = np.random.default_rng(batch).integers(0, config.vocab_size, (batch, prompt_len),
+                                                   dtype=np.int32)
+
+    def sample(n: int):
+        return generate.generate(params, config, prompt, n, temperature=1.0,
+                                 rng=jax.random.key(0)).tokens
+
+    start = time.perf_counter()
+    sample(new_tokens)
+    result = {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+              "first_run_s": time.perf_counter() - start}
+    sample(1)  # compiles the one-token loop
+    gemms = [gemm_probe()] if gemm_probe else []
+    total_s = one_s = float("inf")
+    for _ in range(repeats):
+        total_s = min(total_s, best_seconds(lambda: sample(new_tokens), 1))
+        one_s = min(one_s, best_seconds(lambda: sample(1), 1))
+        gemms += [gemm_probe()] if gemm_probe else []
+    if gemms:
+        result["gemm_gflops"] = max(gemms)
+    result["tokens_per_s"] = batch * new_tokens / total_s
+    result["decode_step_ms"] = 1e3 * (total_s - one_s) / (new_tokens - 1)
     return result
 
 

@@ -16,6 +16,8 @@ from bench import forward, generation, gpu, machine, reference, report, timing, 
 
 MODEL = "gpt2_small"  # the forward and generation parts: Backpack-Small, as released
 TRAINING = "gpt2_micro"  # small enough for a CPU training step
+BATCHES = (8, 32)  # batched sampling: 32 new tokens after a 16-token prompt
+BATCHED_PROMPT, BATCHED_NEW = 16, 32
 
 
 @functools.cache
@@ -56,7 +58,11 @@ def cpu_part(name: str, quick: bool, new_tokens: int | None = None) -> dict:
         with_table["speedup"] = with_table["jax"]["tokens_per_s"] / ref_rate
     runs["cached + sense table"] = with_table
     pane = generation.demo_pane(config, params, table, 32, repeats=2 if quick else 4)
-    return {"config": MODEL, "runs": runs, "demo_pane": pane}
+    gemm = functools.partial(machine.gemm_gflops, repeats=5)
+    batched = [generation.batched(config, params, b, BATCHED_PROMPT, BATCHED_NEW,
+                                  repeats=2 if quick else 4, gemm_probe=gemm)
+               for b in BATCHES]
+    return {"config": MODEL, "runs": runs, "demo_pane": pane, "batched": batched}
 
 
 def run(quick: bool, parts: list[str], new_tokens: int | None = None) -> dict:

@@ -55,7 +55,9 @@ def test_cpu_parts_run_and_render(tiny):
     results = {"machine": MACHINE,
                "forward": {"config": "tiny", "runs": fwd},
                "generation": {"config": "tiny", "runs": gen,
-                              "demo_pane": generation.demo_pane(config, params, table, 4, 1)},
+                              "demo_pane": generation.demo_pane(config, params, table, 4, 1),
+                              "batched": [generation.batched(config, params, 3, 4, 5, repeats=1,
+                                                             gemm_probe=lambda: 80.0)]},
                "training": {"config": "tiny", "run": train}}
 
     for r in fwd:  # the bench checks its own parity: same weights, same logits
@@ -65,7 +67,8 @@ def test_cpu_parts_run_and_render(tiny):
     for row in ("forward B=1 S=16 fp32", "forward B=2 S=16 fp32",
                 "forward B=1 S=16 fp32, sense table", "generate 6 new, B=1, cached",
                 "generate 6 new, B=1, cached + sense table", "train step tiny 2x16 float32",
-                "demo pane 48 new, B=1, prompt 4 padded to 64, sense table (`Demo.stream`)"):
+                "demo pane 48 new, B=1, prompt 4 padded to 64, sense table (`Demo.stream`)",
+                "sample 5 new after 4, B=3, T=1, cached"):
         assert f"| {row} |" in table_md, row
     # Latency near the prompt's end, the middle (128 lies beyond this run) and the end.
     assert "| generation, ms per token near position | 4 | 7 | 10 |" in table_md

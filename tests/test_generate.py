@@ -2,6 +2,7 @@
 seeds, filters, eos), plus its errors and the streaming CLI."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -141,6 +142,35 @@ def test_samples_follow_the_filtered_distribution(params, options):
     assert (want > 0.05).sum() >= 3, "the test needs a few likely tokens to be meaningful"
     assert set(np.flatnonzero(got)) <= set(np.flatnonzero(want)), "a filtered token was drawn"
     np.testing.assert_allclose(got, want, atol=0.03)  # 4 standard errors at p = 0.5
+
+
+def test_most_likely_is_argmax_with_ties_to_the_first():
+    rng = np.random.default_rng(1)
+    logits = rng.integers(-3, 4, size=(16, 1000)).astype(np.float32)  # many tied maxima
+    logits[3] = -np.inf
+    logits[3, 7] = 0.0
+    np.testing.assert_array_equal(generate._most_likely(jnp.asarray(logits)),
+                                  np.argmax(logits, axis=-1))
+
+
+def test_inverse_cdf_finds_the_token_whose_cumulative_weight_passes_u():
+    """Against numpy's search of the float64 cumulative weights, over several blocks, with
+    zero weights (filtered tokens) that must never be chosen, even at u = 0 and u near 1."""
+    rng = np.random.default_rng(0)
+    V = 3 * generate.SAMPLE_BLOCK + 17
+    weights = rng.gamma(0.3, size=(64, V)).astype(np.float32)
+    weights[rng.random((64, V)) < 0.3] = 0.0
+    weights[:, :5] = 0.0  # the first tokens are filtered: u = 0 must skip them
+    weights[:, -40:] = 0.0  # so are the last: u near 1 must not run onto them
+    u = rng.random(64).astype(np.float32)
+    u[:2] = 0.0
+    u[2:4] = np.nextafter(np.float32(1), np.float32(0))
+    got = np.asarray(generate.inverse_cdf(jnp.asarray(weights), jnp.asarray(u)))
+    cum = np.cumsum(weights.astype(np.float64), axis=1)
+    want = [np.searchsorted(c, x * c[-1], side="right") for c, x in zip(cum, u, strict=True)]
+    want = np.minimum(want, [np.flatnonzero(w).max() for w in weights])
+    np.testing.assert_array_equal(got, want)
+    assert (weights[np.arange(64), got] > 0).all()
 
 
 def test_rows_that_emit_eos_keep_emitting_it_and_decoding_stops_when_all_are_done(params):

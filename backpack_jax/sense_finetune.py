@@ -310,9 +310,11 @@ def select_senses(params: Params, config: BackpackConfig, examples: Sequence[Exa
 
     Per example, each (token, sense) scores its alpha mass at the example's loss positions
     (good-v-bad: the first suffix's minus the second's; balance: their sum) minus `lam` times
-    its mean mass over the background texts; pairs with no positive mass score below every other.
-    The top `per_example` pairs are kept (their score floored at 0.01); a pair kept by several
-    examples keeps its highest score. The union, highest first, is the selection. Tokens from
+    its mean mass over the background texts. Of the pairs with positive mass, the top
+    `per_example` are kept (their score floored at 0.01); a pair kept by several examples keeps
+    its highest score. (The released code ranks the others below them but may still take some,
+    arbitrarily among ties, when an example has fewer than `per_example`; they are never taken
+    here.) The union, highest first, is the selection. Tokens from
     `vocab_limit` on (default: the tokenizer's 50257) are never chosen, as in the code.
     """
     if per_example < 1:
@@ -331,11 +333,14 @@ def select_senses(params: Params, config: BackpackConfig, examples: Sequence[Exa
         masses = [alpha_mass_VxK(params, config, t) for t in ex.texts]
         mass_VxK = masses[0] if len(masses) == 1 else (
             masses[0] - masses[1] if loss == "good-v-bad" else masses[0] + masses[1])
-        score_VxK = mass_VxK - lam * background_VxK
-        score_VxK = np.where(mass_VxK > 0, score_VxK, score_VxK.min() - 1)[:limit]
-        flat = score_VxK.reshape(-1)
-        for i in np.argsort(-flat, kind="stable")[:per_example]:
+        flat = (mass_VxK - lam * background_VxK)[:limit].reshape(-1)
+        candidates = np.flatnonzero(mass_VxK[:limit].reshape(-1) > 0)
+        for i in candidates[np.argsort(-flat[candidates], kind="stable")][:per_example]:
             chosen[int(i)] = max(chosen.get(int(i), -np.inf), float(flat[i]), 0.01)
+    if not chosen:
+        raise ValueError("the selection is empty: no (token, sense) receives positive alpha "
+                         "mass from the examples (e.g. good-v-bad on suffixes predicted from "
+                         "the same positions)")
     order = sorted(chosen, key=lambda i: (-chosen[i], i))
     K = config.num_senses
     return Selection([(i // K, i % K) for i in order], [chosen[i] for i in order])

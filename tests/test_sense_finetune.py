@@ -322,7 +322,7 @@ def test_command(params, tmp_path, capsys):
 
 def test_command_bad_file_is_one_line(params, tmp_path, capsys):
     checkpoint.save(tmp_path / "ckpt", params, CONFIG)
-    bad = _write(tmp_path / "train.jsonl", ['{"prefix": "The capital of Peru is", "suffix": " Lima"}',
+    bad = _write(tmp_path / "train.jsonl", ['{"prefix": "The capital of Peru is", "suffix": "."}',
                                             '{"prefix": "The capital of Chile is", "suffix": 3}'])
     with pytest.raises(SystemExit) as exit_info:
         canonical.main(["--checkpoint", str(tmp_path / "ckpt"), "--train", bad, "--eval", bad,

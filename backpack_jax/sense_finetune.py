@@ -37,6 +37,8 @@ from backpack_jax import batching, checks, model
 from backpack_jax.atomic import atomic_path
 from backpack_jax.config import BackpackConfig
 from backpack_jax.edits import SenseEdit
+from backpack_jax.hf.files import read_tensors
+from backpack_jax.hf.names import SENSE_EDIT_PREFIX
 from backpack_jax.model import Params
 from backpack_jax.tokenizer import EOT_TOKEN, Tokenizer
 
@@ -45,7 +47,6 @@ PAIR_LOSSES = ("good-v-bad", "balance")
 # The released trainer's Adam (bitsandbytes' 8-bit Adam there; full precision here).
 BETAS = (0.9, 0.995)
 DELTA_FORMAT = "backpack-jax sense delta"
-HF_PREFIX = "sense_delta."  # the delta's tensors inside a Hugging Face export
 
 
 # ------------------------------------------------------------------------------ the edit
@@ -109,15 +110,16 @@ def load_delta(path: str | os.PathLike, config: BackpackConfig) -> SenseDelta:
     """Reads a `save_delta` file, or the delta inside a Hugging Face export directory, checked
     against `config` (ids in range, width n_embd, unique pairs)."""
     path = pathlib.Path(path)
-    prefix = ""
     if path.is_dir():
-        path, prefix = path / "model.safetensors", HF_PREFIX
-    if not path.is_file():
+        tensors, prefix = read_tensors(path), SENSE_EDIT_PREFIX
+    elif not path.is_file():
         raise FileNotFoundError(f"no sense delta at {path}")
-    try:
-        tensors = safetensors.numpy.load_file(str(path))
-    except Exception as e:  # safetensors raises its own error types
-        raise ValueError(f"{path} is not a safetensors file: {e}") from e
+    else:
+        prefix = ""
+        try:
+            tensors = safetensors.numpy.load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types
+            raise ValueError(f"{path} is not a safetensors file: {e}") from e
     names = [prefix + n for n in ("token", "sense", "delta")]
     if not all(n in tensors for n in names):
         raise ValueError(f"{path} holds no sense delta (tensors {sorted(names)} missing)")

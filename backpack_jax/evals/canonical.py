@@ -158,13 +158,14 @@ def _body(args: argparse.Namespace) -> dict[str, Any]:
     stats, states = sf.finetune(params, config, train, settings, selection=selection,
                                 background=train_background, evaluate=evaluate)
     picked = leagues(stats, sorted({*LEAGUES, args.league}, reverse=True))
-    epochs = _table(f"{args.method} finetuning, per epoch (lower is better)",
+    epochs = _table(f"{'sense' if selection else 'full'} finetuning, per epoch (lower is "
+                    f"better)",
                     {("initial" if s["epoch"] == 0 else f"epoch {s['epoch']}"): s
                      for s in stats}, ["intervention", "general", "train_loss"])
-    league_rows = {f"league {name} ({how})": row[how] for name, row in picked.items()
-                   for how in ("last", "best")}
-    summary = _table("league selection (last: the released code's pick)", league_rows,
-                     ["epoch", "intervention", "general"])
+    league_rows = {f"league {name}, {how}: epoch {row[how]['epoch']}": row[how]
+                   for name, row in picked.items() for how in ("last", "best")}
+    summary = _table("league selection (last: the released code's and the paper's pick)",
+                     league_rows, ["intervention", "general"])
     print(epochs.format(), summary.format(), sep="\n\n")
     result |= {"epochs": stats, "leagues": picked}
     if selection is not None:

@@ -236,17 +236,17 @@ def _texts(record: dict, kind: str, fields: tuple[str, ...], tokenizer: Tokenize
 
 def _padded(texts: Sequence[Text], config: BackpackConfig) -> tuple[np.ndarray, np.ndarray,
                                                                    np.ndarray]:
-    """(ids [B, W] right-padded with 0, loss mask [B, W], real-token mask [B, W]); W is a
+    """(ids [B, S] right-padded with 0, loss mask [B, S], real-token mask [B, S]); S is a
     `batching.bucket` width, so few shapes compile. Right padding changes no earlier position."""
-    W = batching.bucket(max(len(t.ids) for t in texts), config.n_positions)
-    ids_BxW = np.zeros((len(texts), W), np.int32)
-    loss_BxW = np.zeros((len(texts), W), np.float32)
-    real_BxW = np.zeros((len(texts), W), np.float32)
+    S = batching.bucket(max(len(t.ids) for t in texts), config.n_positions)
+    ids_BxS = np.zeros((len(texts), S), np.int32)
+    loss_BxS = np.zeros((len(texts), S), np.float32)
+    real_BxS = np.zeros((len(texts), S), np.float32)
     for b, t in enumerate(texts):
-        ids_BxW[b, :len(t.ids)] = t.ids
-        loss_BxW[b, t.start:t.stop] = 1.0
-        real_BxW[b, :len(t.ids)] = 1.0
-    return ids_BxW, loss_BxW, real_BxW
+        ids_BxS[b, :len(t.ids)] = t.ids
+        loss_BxS[b, t.start:t.stop] = 1.0
+        real_BxS[b, :len(t.ids)] = 1.0
+    return ids_BxS, loss_BxS, real_BxS
 
 
 def next_token_nll(logits_BxSxV: jax.Array, ids_BxS: jax.Array) -> jax.Array:
@@ -263,14 +263,14 @@ def edited_logits(params: Params, config: BackpackConfig, ids_BxS: jax.Array,
 
 
 @functools.partial(jax.jit, static_argnames="config")
-def _nll_BxW(params: Params, ids_BxW: jax.Array, edit: SenseEdit | None,
+def _nll_BxS(params: Params, ids_BxS: jax.Array, edit: SenseEdit | None,
              config: BackpackConfig) -> jax.Array:
-    return next_token_nll(edited_logits(params, config, ids_BxW, edit), ids_BxW)
+    return next_token_nll(edited_logits(params, config, ids_BxS, edit), ids_BxS)
 
 
 def scorer(params: Params, config: BackpackConfig, edit: SenseEdit | None = None) -> Callable:
-    """`nll_fn(ids_BxW) -> nll_BxW` of the Backpack under `edit`, for the evaluations below."""
-    return lambda ids_BxW: _nll_BxW(params, jnp.asarray(ids_BxW), edit, config)
+    """`nll_fn(ids_BxS) -> nll_BxS` of the Backpack under `edit`, for the evaluations below."""
+    return lambda ids_BxS: _nll_BxS(params, jnp.asarray(ids_BxS), edit, config)
 
 
 # -------------------------------------------------------------------------- the selection
@@ -296,11 +296,11 @@ def alpha_mass_VxK(params: Params, config: BackpackConfig, text: Text) -> np.nda
     """For every (token, sense), the summed alpha it receives from the loss positions of
     `text`: sum over query positions i in [start, stop) of alpha[k, i, j], added into the row of
     the token at source position j."""
-    ids_1xW, loss_1xW, _ = _padded([text], config)
-    alpha_KxWxW = np.asarray(_alpha_BxKxSxS(params, jnp.asarray(ids_1xW), config)[0])
-    mass_KxW = np.einsum("kij,i->kj", alpha_KxWxW, loss_1xW[0])
+    ids_1xS, loss_1xS, _ = _padded([text], config)
+    alpha_KxSxS = np.asarray(_alpha_BxKxSxS(params, jnp.asarray(ids_1xS), config)[0])
+    mass_KxS = np.einsum("kij,i->kj", alpha_KxSxS, loss_1xS[0])
     out_VxK = np.zeros((config.vocab_size, config.num_senses), np.float64)
-    np.add.at(out_VxK, ids_1xW[0, :len(text.ids)], mass_KxW[:, :len(text.ids)].T)
+    np.add.at(out_VxK, ids_1xS[0, :len(text.ids)], mass_KxS[:, :len(text.ids)].T)
     return out_VxK
 
 
@@ -361,9 +361,9 @@ def _check_loss(loss: str, examples: Sequence[Example]) -> None:
 # ---------------------------------------------------------------------------- the losses
 
 def _suffix_means_B(logits_fn: Callable, batch: tuple) -> jax.Array:
-    ids_BxW, loss_BxW = batch[0], batch[1]
-    nll_BxW = next_token_nll(logits_fn(ids_BxW), ids_BxW)
-    return (nll_BxW * loss_BxW).sum(-1) / jnp.maximum(loss_BxW.sum(-1), 1.0)
+    ids_BxS, loss_BxS = batch[0], batch[1]
+    nll_BxS = next_token_nll(logits_fn(ids_BxS), ids_BxS)
+    return (nll_BxS * loss_BxS).sum(-1) / jnp.maximum(loss_BxS.sum(-1), 1.0)
 
 
 def training_loss(logits_fn: Callable, batches: Sequence[tuple], loss: str) -> jax.Array:
@@ -381,27 +381,27 @@ def training_loss(logits_fn: Callable, batches: Sequence[tuple], loss: str) -> j
 def kl_to_original(logits_fn: Callable, original_fn: Callable, batch: tuple) -> jax.Array:
     """KL(original || tuned) summed over the real positions and the vocabulary, per text (the
     released regulariser: torch's kl_div with reduction 'batchmean')."""
-    ids_BxW, real_BxW = batch[0], batch[2]
-    new_BxWxV = jax.nn.log_softmax(logits_fn(ids_BxW).astype(jnp.float32))
-    old_BxWxV = jax.lax.stop_gradient(jax.nn.log_softmax(original_fn(ids_BxW)))
-    kl_BxW = (jnp.exp(old_BxWxV) * (old_BxWxV - new_BxWxV)).sum(-1)
-    return (kl_BxW * real_BxW).sum() / ids_BxW.shape[0]
+    ids_BxS, real_BxS = batch[0], batch[2]
+    new_BxSxV = jax.nn.log_softmax(logits_fn(ids_BxS).astype(jnp.float32))
+    old_BxSxV = jax.lax.stop_gradient(jax.nn.log_softmax(original_fn(ids_BxS)))
+    kl_BxS = (jnp.exp(old_BxSxV) * (old_BxSxV - new_BxSxV)).sum(-1)
+    return (kl_BxS * real_BxS).sum() / ids_BxS.shape[0]
 
 
 # ---------------------------------------------------------------------------- evaluation
 
 def nll_sums(nll_fn: Callable, texts: Sequence[Text], config: BackpackConfig,
              batch_size: int = 8, desc: str | None = None) -> np.ndarray:
-    """Per text, [summed loss over its loss positions, number of positions], [N, 2].
-    `nll_fn(ids_BxW) -> nll_BxW` is `next_token_nll` of some model."""
-    out_Nx2 = np.zeros((len(texts), 2))
+    """Per text, [summed loss over its loss positions, number of positions], [L, 2].
+    `nll_fn(ids_BxS) -> nll_BxS` is `next_token_nll` of some model."""
+    out_Lx2 = np.zeros((len(texts), 2))
     sweep = list(batching.windows(len(texts), batch_size))
     for w in tqdm.tqdm(sweep, desc=desc, disable=desc is None, leave=False):
-        ids_BxW, loss_BxW, _ = _padded(texts[w.start:w.stop], config)
-        nll_BxW = np.asarray(nll_fn(ids_BxW), np.float64)
-        sums_Bx2 = np.stack([(nll_BxW * loss_BxW).sum(-1), loss_BxW.sum(-1)], -1)
-        out_Nx2[w.start + w.new:w.stop] = sums_Bx2[w.fresh]
-    return out_Nx2
+        ids_BxS, loss_BxS, _ = _padded(texts[w.start:w.stop], config)
+        nll_BxS = np.asarray(nll_fn(ids_BxS), np.float64)
+        sums_Bx2 = np.stack([(nll_BxS * loss_BxS).sum(-1), loss_BxS.sum(-1)], -1)
+        out_Lx2[w.start + w.new:w.stop] = sums_Bx2[w.fresh]
+    return out_Lx2
 
 
 def intervention_score(nll_fn: Callable, examples: Sequence[Example], config: BackpackConfig,
@@ -413,17 +413,17 @@ def intervention_score(nll_fn: Callable, examples: Sequence[Example], config: Ba
     _check_loss(loss, examples)
     sums = [nll_sums(nll_fn, [ex.texts[i] for ex in examples], config, batch_size,
                      desc="scoring")[:, 0] for i in range(len(examples[0].texts))]
-    s_N = (sums[0] * (1 if loss != "bad" else -1) if len(sums) == 1 else
+    s_L = (sums[0] * (1 if loss != "bad" else -1) if len(sums) == 1 else
            sums[0] - sums[1] if loss == "good-v-bad" else np.abs(sums[0] - sums[1]))
-    return float((s_N > threshold).mean() if threshold is not None else s_N.mean())
+    return float((s_L > threshold).mean() if threshold is not None else s_L.mean())
 
 
 def text_loss(nll_fn: Callable, texts: Sequence[Example], config: BackpackConfig,
               batch_size: int = 8) -> float:
     """Mean next-token loss over every token of the texts (general degradation)."""
-    sums_Nx2 = nll_sums(nll_fn, [ex.texts[0] for ex in texts], config, batch_size,
+    sums_Lx2 = nll_sums(nll_fn, [ex.texts[0] for ex in texts], config, batch_size,
                         desc="general")
-    return float(sums_Nx2[:, 0].sum() / sums_Nx2[:, 1].sum())
+    return float(sums_Lx2[:, 0].sum() / sums_Lx2[:, 1].sum())
 
 
 # ------------------------------------------------------------------------------ training
@@ -480,7 +480,7 @@ def finetune(params: Params, config: BackpackConfig, examples: Sequence[Example]
     - with `kl_weight`, plus kl_weight x KL(original || tuned) on a background text drawn at
       random for each step.
 
-    `evaluate(nll_fn)` scores a model (`nll_fn(ids_BxW) -> nll_BxW`) before training and after
+    `evaluate(nll_fn)` scores a model (`nll_fn(ids_BxS) -> nll_BxS`) before training and after
     every epoch. Returns (one stats dict per evaluation, the trainable state after each: the
     delta [R, D]; None before training and for the baseline).
     """

@@ -56,9 +56,9 @@ def leagues(stats: Sequence[dict], budget: Sequence[float] = LEAGUES) -> dict[st
 # -------------------------------------------------------------------------------- ensemble
 
 @functools.partial(jax.jit, static_argnames="config")
-def _log_ratio_BxWxV(params: Params, ids_BxW: jax.Array, edit: sf.SenseDelta,
+def _log_ratio_BxSxV(params: Params, ids_BxS: jax.Array, edit: sf.SenseDelta,
                      config: BackpackConfig) -> jax.Array:
-    edited, plain = (jax.nn.log_softmax(sf.edited_logits(params, config, ids_BxW, e))
+    edited, plain = (jax.nn.log_softmax(sf.edited_logits(params, config, ids_BxS, e))
                      for e in (edit, None))
     return edited - plain
 
@@ -76,23 +76,23 @@ def load_other(id_or_dir: str) -> Any:
 
 def ensemble_scorer(other: Any, params: Params, config: BackpackConfig, edit: sf.SenseDelta,
                     weight: float) -> Callable:
-    """`nll_fn(ids_BxW) -> nll_BxW` of log p_other + weight (log p_edited - log p_unedited),
+    """`nll_fn(ids_BxS) -> nll_BxS` of log p_other + weight (log p_edited - log p_unedited),
     renormalised over the first min(V_other, V_backpack, 50257) token ids (the released code
     adds to the other model's logits, which renormalises the same way)."""
     import torch
 
-    def nll(ids_BxW: np.ndarray) -> np.ndarray:
-        ids_BxW = np.asarray(ids_BxW)
+    def nll(ids_BxS: np.ndarray) -> np.ndarray:
+        ids_BxS = np.asarray(ids_BxS)
         with torch.no_grad():
-            other_BxWxV = torch.log_softmax(
-                other(torch.as_tensor(ids_BxW, dtype=torch.long)).logits.float(), -1).numpy()
-        V = min(other_BxWxV.shape[-1], config.vocab_size, N_VOCAB)
-        combined_BxWxV = other_BxWxV[..., :V].astype(np.float64)
+            other_BxSxV = torch.log_softmax(
+                other(torch.as_tensor(ids_BxS, dtype=torch.long)).logits.float(), -1).numpy()
+        V = min(other_BxSxV.shape[-1], config.vocab_size, N_VOCAB)
+        combined_BxSxV = other_BxSxV[..., :V].astype(np.float64)
         if weight:
-            ratio = np.asarray(_log_ratio_BxWxV(params, jnp.asarray(ids_BxW), edit, config))
-            combined_BxWxV = combined_BxWxV + weight * ratio[..., :V]
-        return np.asarray(sf.next_token_nll(jnp.asarray(combined_BxWxV, jnp.float32),
-                                            jnp.asarray(ids_BxW)))
+            ratio = np.asarray(_log_ratio_BxSxV(params, jnp.asarray(ids_BxS), edit, config))
+            combined_BxSxV = combined_BxSxV + weight * ratio[..., :V]
+        return np.asarray(sf.next_token_nll(jnp.asarray(combined_BxSxV, jnp.float32),
+                                            jnp.asarray(ids_BxS)))
     return nll
 
 

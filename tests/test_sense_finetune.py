@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from backpack_jax import attribution, checkpoint, model, sense_finetune as sf
+from backpack_jax import attribution, checkpoint, demo, generate, model, sense_finetune as sf
 from backpack_jax.config import get_model_config
 from backpack_jax.edits import SenseEdit
 from backpack_jax.evals import canonical
@@ -231,6 +231,20 @@ def test_attribution_under_the_edit(params):
     logits = np.asarray(model.apply(params, np.asarray([ids]), CONFIG, sense_edit=edit).logits)
     assert a.logit == pytest.approx(float(logits[0, -1, 50]), rel=1e-5, abs=1e-5)
     assert a.contributions_SxK.sum() == pytest.approx(a.logit, rel=1e-4, abs=1e-4)
+
+
+def test_the_demo_steers_with_a_saved_edit(params, tmp_path):
+    edit = sf.sense_delta(CONFIG, [(464, 1), (318, 0)], np.full((2, CONFIG.n_embd), 0.5))
+    sf.save_delta(tmp_path / "edit.safetensors", edit, CONFIG)
+    checkpoint.save(tmp_path / "ckpt", params, CONFIG)
+    d = demo.Demo.load(str(tmp_path / "ckpt"), str(tmp_path / "cache.npy"), with_table=False,
+                       sense_edit=str(tmp_path / "edit.safetensors"))
+    assert d.interventions[-1] == demo.LEARNED
+    ids = [464, 3139, 286, 464, 318]
+    want = generate.generate(params, CONFIG, [ids], 6, sense_edit=edit).new_tokens[0].tolist()
+    assert list(d.stream(ids, 6, d.learned)) == want
+    plain = generate.generate(params, CONFIG, [ids], 6).new_tokens[0].tolist()
+    assert plain != want  # the edit changes what is generated
 
 
 @pytest.mark.slow  # transformers and a GPT-2 of 50257 tokens

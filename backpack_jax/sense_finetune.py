@@ -152,7 +152,6 @@ class Example:
     losses, two (prefix + suffix1, prefix + suffix2)."""
 
     texts: tuple[Text, ...]
-    line: int
 
 
 def _encode(text: str, tokenizer: Tokenizer) -> list[int]:
@@ -197,7 +196,7 @@ def read_examples(path: str | os.PathLike, tokenizer: Tokenizer, config: Backpac
             for key in ("text",) if kind == "text" else ("prefix", *fields):
                 if not isinstance(record[key], str):
                     raise ValueError(f"{where}: {key!r} must be a string")
-            examples.append(Example(_texts(record, kind, fields, tokenizer, config, where), n))
+            examples.append(Example(_texts(record, kind, fields, tokenizer, config, where)))
     if not examples:
         raise ValueError(f"{path} has no examples")
     return examples
@@ -480,9 +479,9 @@ def finetune(params: Params, config: BackpackConfig, examples: Sequence[Example]
     - with `kl_weight`, plus kl_weight x KL(original || tuned) on a background text drawn at
       random for each step.
 
-    `evaluate(nll_fn)` scores a model (`nll_fn(ids_BxS) -> nll_BxS`) before training and after
-    every epoch. Returns (one stats dict per evaluation, the trainable state after each: the
-    delta [R, D]; None before training and for the baseline).
+    `evaluate(nll_fn)` scores a model (`nll_fn(ids_BxS) -> nll_BxS`) before training (a first
+    row, epoch 0) and after every epoch. Returns (one stats dict per row, the delta [R, D] of
+    each row: None before training and for the baseline).
     """
     _check_loss(settings.loss, examples)
     if settings.epochs < 0 or settings.grad_acc_steps < 1 or settings.lr <= 0:

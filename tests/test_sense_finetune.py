@@ -277,6 +277,29 @@ def test_ensemble_equals_the_formula(params, tmp_path):
     alone = canonical.ensemble_scorer(other, params, CONFIG, edit, 0.0)(ids)
     assert np.abs(alone[0, :-1] - got[0, :-1]).max() > 1e-2
 
+    # The weight: the first of 1.0, 0.9, ... whose general loss stays within the league.
+    tok = get_tokenizer()
+    background = sf.read_examples(DATA + "background.jsonl", tok, CONFIG)
+    examples = sf.read_examples(DATA + "country_eval.jsonl", tok, CONFIG)
+    loss = {}
+
+    def general(nll_fn):
+        return sf.text_loss(nll_fn, background, CONFIG)
+
+    def evaluate(nll_fn):
+        return {"intervention": sf.intervention_score(nll_fn, examples, CONFIG, "good", None),
+                "general": general(nll_fn)}
+
+    strong = sf.sense_delta(CONFIG, [(464, 1), (286, 2)], np.full((2, CONFIG.n_embd), -3.0))
+    for w in range(11):
+        loss[w] = general(canonical.ensemble_scorer(other, params, CONFIG, strong, w / 10))
+    assert loss[10] > loss[0]
+    league = (loss[10] / loss[0] - 1) / 2  # w = 1.0 is outside
+    result = canonical.ensemble(other, params, CONFIG, strong, evaluate, general, league)
+    want = next((w for w in range(10, 0, -1) if loss[w] < loss[0] * (1 + league)), 0)
+    assert 0 < want < 10 and result["weight"] == pytest.approx(want / 10)
+    assert result["edited"]["general"] == pytest.approx(loss[want], rel=1e-6)
+
 
 def _write(path, lines):
     path.write_text("".join(line + "\n" for line in lines))

@@ -21,6 +21,7 @@ p_unedited) over the shared vocabulary, w the largest of 1.0, 0.9, ... within th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import pathlib
 from collections.abc import Callable, Sequence
@@ -97,19 +98,17 @@ def ensemble_scorer(other: Any, params: Params, config: BackpackConfig, edit: sf
 
 
 def ensemble(other: Any, params: Params, config: BackpackConfig, edit: sf.SenseDelta,
-             evaluate: Callable[[Callable], dict], league: float) -> dict[str, Any]:
-    """The released code's ensemble run: the other model alone (w = 0), then w = 1.0, 0.9, ...
-    down to the first whose general loss is within the league of the other model's."""
+             evaluate: Callable[[Callable], dict], general: Callable[[Callable], float],
+             league: float) -> dict[str, Any]:
+    """The released code's ensemble run: `evaluate` the other model alone (w = 0); take the
+    first w of 1.0, 0.9, ..., 0.1 whose `general` loss is below (1 + league) x the other
+    model's (0 if none is); `evaluate` the ensemble with it."""
     initial = evaluate(ensemble_scorer(other, params, config, edit, 0.0))
-    weight, row = 1.0, None
-    while weight > 1e-9:
-        row = evaluate(ensemble_scorer(other, params, config, edit, weight))
-        if row["general"] < initial["general"] * (1 + league):
-            break
-        weight = round(weight - 0.1, 10)
-    if weight <= 1e-9:
-        weight, row = 0.0, initial
-    return {"initial": initial, "weight": weight, "edited": row}
+    bound = initial["general"] * (1 + league)
+    weight = next((w / 10 for w in range(10, 0, -1)
+                   if general(ensemble_scorer(other, params, config, edit, w / 10)) < bound), 0.0)
+    edited = evaluate(ensemble_scorer(other, params, config, edit, weight)) if weight else initial
+    return {"initial": initial, "weight": weight, "edited": edited}
 
 
 # -------------------------------------------------------------------------------- command
@@ -137,12 +136,15 @@ def _body(args: argparse.Namespace) -> dict[str, Any]:
                            grad_acc_steps=args.grad_acc_steps, kl_weight=args.kl_weight,
                            seed=args.seed)
 
+    def general(nll_fn: Callable) -> float:
+        return sf.text_loss(nll_fn, background, config, args.batch_size)
+
     def evaluate(nll_fn: Callable) -> dict[str, float]:
         return {"intervention": sf.intervention_score(nll_fn, evals, config, args.loss,
                                                       args.threshold, args.batch_size),
-                "general": sf.text_loss(nll_fn, background, config, args.batch_size)}
+                "general": general(nll_fn)}
 
-    result: dict[str, Any] = {"method": args.method, "settings": vars(settings),
+    result: dict[str, Any] = {"method": args.method, "settings": dataclasses.asdict(settings),
                               "train": args.train, "eval": args.eval,
                               "background": args.background, "threshold": args.threshold}
     selection = None
@@ -177,7 +179,7 @@ def _body(args: argparse.Namespace) -> dict[str, Any]:
         result["delta_epoch"] = chosen
         if args.ensemble:
             other = load_other(args.ensemble)
-            ens = ensemble(other, params, config, edit, evaluate, args.league)
+            ens = ensemble(other, params, config, edit, evaluate, general, args.league)
             print(_table(f"ensemble with {args.ensemble} (weight {ens['weight']:.1f})",
                          {"alone": ens["initial"], "with the edit": ens["edited"]},
                          ["intervention", "general"]).format())

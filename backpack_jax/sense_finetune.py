@@ -43,6 +43,9 @@ from backpack_jax.model import Params
 from backpack_jax.tokenizer import EOT_TOKEN, Tokenizer
 
 LOSSES = ("good", "bad", "good-v-bad", "balance")
+# The keys of each kind of line in the authors' JSONL (other keys are ignored).
+FIELDS = {"pair": ("prefix", "suffix1", "suffix2"), "suffix": ("prefix", "suffix"),
+          "text": ("text",)}
 PAIR_LOSSES = ("good-v-bad", "balance")
 # The released trainer's Adam (bitsandbytes' 8-bit Adam there; full precision here).
 BETAS = (0.9, 0.995)
@@ -165,6 +168,8 @@ def read_examples(path: str | os.PathLike, tokenizer: Tokenizer, config: Backpac
     """Reads a JSONL file in the authors' schema. `kind` is "suffix" (prefix, suffix), "pair"
     (prefix, suffix1, suffix2) or "text" (text); None takes it from the first line. Other keys
     are ignored. A bad line is a ValueError naming the file and line."""
+    if kind not in (None, *FIELDS):
+        raise ValueError(f"kind must be one of {list(FIELDS)} or None, got {kind!r}")
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
@@ -180,30 +185,27 @@ def read_examples(path: str | os.PathLike, tokenizer: Tokenizer, config: Backpac
                 raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
             if not isinstance(record, dict):
                 raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            found = ("pair" if {"prefix", "suffix1", "suffix2"} <= record.keys() else
-                     "suffix" if {"prefix", "suffix"} <= record.keys() else
-                     "text" if "text" in record else None)
-            kind = kind or found
-            need = {"suffix": "'prefix' and 'suffix'", "pair": "'prefix', 'suffix1' and "
-                    "'suffix2'", "text": "'text'"}
-            if kind not in need:
-                raise ValueError(f"{where}: needs {need['suffix']}, {need['pair']}, or "
-                                 f"{need['text']}; has {sorted(record)}")
-            if found != kind and not (kind == "suffix" and found == "pair"):
-                raise ValueError(f"{where}: needs {need[kind]} like the lines before; has "
+            keys = {k for k, fields in FIELDS.items() if {*fields} <= record.keys()}
+            kind = kind or next((k for k in FIELDS if k in keys), None)  # pair before suffix
+            if kind is None or kind not in keys:
+                wanted = [kind] if kind else list(FIELDS)
+                raise ValueError(f"{where}: needs {' or '.join(_keys(k) for k in wanted)}; has "
                                  f"{sorted(record)}")
-            fields = {"suffix": ("suffix",), "pair": ("suffix1", "suffix2"), "text": ()}[kind]
-            for key in ("text",) if kind == "text" else ("prefix", *fields):
+            for key in FIELDS[kind]:
                 if not isinstance(record[key], str):
                     raise ValueError(f"{where}: {key!r} must be a string")
-            examples.append(Example(_texts(record, kind, fields, tokenizer, config, where)))
+            examples.append(Example(_texts(record, kind, tokenizer, config, where)))
     if not examples:
         raise ValueError(f"{path} has no examples")
     return examples
 
 
-def _texts(record: dict, kind: str, fields: tuple[str, ...], tokenizer: Tokenizer,
-           config: BackpackConfig, where: str) -> tuple[Text, ...]:
+def _keys(kind: str) -> str:
+    return " and ".join(repr(k) for k in FIELDS[kind])
+
+
+def _texts(record: dict, kind: str, tokenizer: Tokenizer, config: BackpackConfig,
+           where: str) -> tuple[Text, ...]:
     if kind == "text":
         ids = _encode(record["text"], tokenizer)
         if len(ids) < 2:
@@ -215,7 +217,7 @@ def _texts(record: dict, kind: str, fields: tuple[str, ...], tokenizer: Tokenize
         if not prefix:
             raise ValueError(f"{where}: the prefix tokenizes to nothing")
         texts = []
-        for key in fields:
+        for key in FIELDS[kind][1:]:
             suffix = _encode(record[key], tokenizer)
             if not suffix:
                 raise ValueError(f"{where}: {key} {record[key]!r} tokenizes to nothing")

@@ -313,7 +313,8 @@ def test_bad_input_is_one_clear_error(params, data, tmp_path):
         ([ok, '{"prefix": "A", "suffix": " B"'], r"bad\.jsonl:2: not valid JSON"),
         ([ok, '{"prefix": "The capital of Chile is", "suffix": ""}'],
          r"bad\.jsonl:2: suffix '' tokenizes to nothing"),
-        ([ok, '{"prompt": "x"}'], r"bad\.jsonl:2: needs 'prefix' and 'suffix' like the lines"),
+        ([ok, '{"prompt": "x"}'], r"bad\.jsonl:2: needs 'prefix' and 'suffix'; has \['prompt'\]"),
+        (['{"prompt": "x"}'], r"bad\.jsonl:1: needs 'prefix' and 'suffix1' and 'suffix2' or "),
         (['{"prefix": "", "suffix": " Lima"}'], r"bad\.jsonl:1: the prefix tokenizes to nothing"),
         ([], r"bad\.jsonl has no examples"),
     ]

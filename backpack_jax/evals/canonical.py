@@ -37,6 +37,7 @@ from backpack_jax.model import Params
 from backpack_jax.tokenizer import N_VOCAB, get_tokenizer
 
 LEAGUES = (1e-3, 1e-4, 1e-5)  # the released code's (utils.LEAGUES)
+SHOWN_PAIRS = 40  # selected senses printed; results.json has them all
 
 
 def leagues(stats: Sequence[dict], budget: Sequence[float] = LEAGUES) -> dict[str, dict]:
@@ -154,8 +155,10 @@ def _body(args: argparse.Namespace) -> dict[str, Any]:
         rows = selection.rows(tok)
         print(f"selected senses ({len(rows)} pairs from {len(train)} example(s)):")
         print(f"  {'token':>18} {'id':>6} {'sense':>5} {'score':>10}")
-        for r in rows:
+        for r in rows[:SHOWN_PAIRS]:
             print(f"  {r['text']!r:>18} {r['token']:>6} {r['sense']:>5} {r['score']:>10.4f}")
+        if len(rows) > SHOWN_PAIRS:
+            print(f"  ... and {len(rows) - SHOWN_PAIRS} more (all in results.json)")
         result["selection"] = rows
     stats, states = sf.finetune(params, config, train, settings, selection=selection,
                                 background=train_background, evaluate=evaluate)

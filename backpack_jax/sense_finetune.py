@@ -483,7 +483,8 @@ def finetune(params: Params, config: BackpackConfig, examples: Sequence[Example]
 
     `evaluate(nll_fn)` scores a model (`nll_fn(ids_BxS) -> nll_BxS`) before training (a first
     row, epoch 0) and after every epoch. Returns (one stats dict per row, the delta [R, D] of
-    each row: None before training and for the baseline).
+    each row: None before training; for the baseline, the parameters after the last epoch and
+    None before).
     """
     _check_loss(settings.loss, examples)
     if settings.epochs < 0 or settings.grad_acc_steps < 1 or settings.lr <= 0:
@@ -530,5 +531,6 @@ def finetune(params: Params, config: BackpackConfig, examples: Sequence[Example]
         if evaluate is not None:
             row |= evaluate(nll_fn_of(trainable))
         stats.append(row)
-        states.append(None if full else trainable)  # a copy of every parameter is too big
+        last = epoch == settings.epochs - 1
+        states.append(trainable if not full or last else None)  # one copy of every parameter
     return stats, states

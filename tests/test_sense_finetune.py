@@ -184,6 +184,41 @@ def test_kl_term_equals_numpy(params, data):
     assert want > 1e-3 and float(got) == pytest.approx(want, rel=1e-4)
 
 
+@pytest.mark.parametrize("method", ["senses", pytest.param("full", marks=pytest.mark.slow)])
+def test_one_step_is_adams_first_step(params, data, method):
+    """One example, one epoch: the update is Adam's first, -lr g / (|g| + eps), with g the
+    gradient of the suffix's mean loss written here from model.apply's logits."""
+    text = data["country_train"][0].texts[0]
+    ids, positions = np.asarray([text.ids]), np.arange(text.start, text.stop)
+    pairs = [(text.ids[3], 0), (text.ids[5], 2)]
+    delta = sf.sense_delta(CONFIG, pairs)
+
+    def loss(p, edit):
+        logp = jax.nn.log_softmax(model.apply(p, ids, CONFIG, sense_edit=edit).logits[0])
+        return -logp[positions, ids[0, positions + 1]].mean()
+
+    if method == "senses":
+        g = jax.grad(lambda d: loss(params, delta.replace(delta_RxD=d)))(delta.delta_RxD)
+        before, selection = delta.delta_RxD, sf.Selection(pairs, [1.0, 1.0])
+    else:
+        g = jax.grad(lambda p: loss(p, None))(params)
+        before, selection = params, None
+    lr = 1e-2
+    _, states = sf.finetune(params, CONFIG, data["country_train"][:1],
+                            sf.Settings(epochs=1, lr=lr, grad_acc_steps=1), selection=selection,
+                            progress=False)
+    moved = 0
+    for got, b, grad in zip(*(map(np.asarray, jax.tree.leaves(t))
+                              for t in (states[-1], before, g)), strict=True):
+        # Where |g| is near Adam's eps, float noise in g decides the step: only bounded there.
+        sure = np.abs(grad) > 1e-5
+        np.testing.assert_allclose(got[sure], (b - lr * grad / (np.abs(grad) + 1e-8))[sure],
+                                   rtol=0, atol=2e-4 * lr)
+        assert np.abs(got - b).max(initial=0) <= lr * (1 + 1e-5)
+        moved += int(sure.sum())
+    assert moved > 100
+
+
 def test_finetuning_learns_a_canonical_fact_within_the_league(params, data):
     selection = sf.select_senses(params, CONFIG, data["country_train"], data["background"],
                                  loss="good", per_example=8, lam=1000.0, progress=False)

@@ -378,7 +378,8 @@ def test_command(params, tmp_path, capsys):
             "--eval", DATA + "country_eval.jsonl", "--background", DATA + "background.jsonl",
             "--out", str(out), "--epochs", "2", "--lr", "3e-2", "--grad_acc_steps", "1",
             "--senses_per_example", "4", "--lambda", "1000", "--threshold", "5.0"]
-    result = canonical.main([*args, "--json", str(tmp_path / "r.json")])
+    result = canonical.main([*args, "--json", str(tmp_path / "r.json"), "--hard_negative",
+                             DATA + "country_eval.jsonl", "--targeted", DATA + "background.jsonl"])
     printed = capsys.readouterr().out
     assert "selected senses" in printed and "' Peru'" in printed and "league 0.0001" in printed
     assert json.loads((out / "results.json").read_text())["leagues"] == json.loads(
@@ -386,6 +387,12 @@ def test_command(params, tmp_path, capsys):
     edit = sf.load_delta(out / "sense_delta.safetensors", CONFIG)
     assert edit.pairs == [(r["token"], r["sense"]) for r in result["selection"]]
     assert all(0.0 <= s["intervention"] <= 1.0 for s in result["epochs"])  # failure rates
+    tok = get_tokenizer()
+    hard = [ex.texts[0] for ex in sf.read_examples(DATA + "country_eval.jsonl", tok, CONFIG)]
+    want = np.mean([_nll(params, list(t.ids))[t.start:t.stop].sum() for t in hard])
+    initial = result["epochs"][0]
+    assert initial["hard_negative"] == pytest.approx(want, rel=1e-5)
+    assert initial["targeted"] == pytest.approx(initial["general"], rel=1e-6)  # same texts here
     with pytest.raises(SystemExit) as exit_info:
         canonical.main([*args[:-2], "--loss", "balance"])
     err = capsys.readouterr().err.strip().splitlines()

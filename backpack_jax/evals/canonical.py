@@ -133,6 +133,9 @@ def _body(args: argparse.Namespace) -> dict[str, Any]:
     background = sf.read_examples(args.background, tok, config, "text")[:args.background_limit]
     train_background = (sf.read_examples(args.train_background, tok, config, "text")
                         [:args.background_limit] if args.train_background else background)
+    hard = sf.read_examples(args.hard_negative, tok, config, "suffix") if (
+        args.hard_negative) else None
+    targeted = sf.read_examples(args.targeted, tok, config, "text") if args.targeted else None
     settings = sf.Settings(loss=args.loss, epochs=args.epochs, lr=args.lr,
                            grad_acc_steps=args.grad_acc_steps, kl_weight=args.kl_weight,
                            seed=args.seed)
@@ -141,9 +144,15 @@ def _body(args: argparse.Namespace) -> dict[str, Any]:
         return sf.text_loss(nll_fn, background, config, args.batch_size)
 
     def evaluate(nll_fn: Callable) -> dict[str, float]:
-        return {"intervention": sf.intervention_score(nll_fn, evals, config, args.loss,
-                                                      args.threshold, args.batch_size),
-                "general": general(nll_fn)}
+        row = {"intervention": sf.intervention_score(nll_fn, evals, config, args.loss,
+                                                     args.threshold, args.batch_size),
+               "general": general(nll_fn)}
+        if hard is not None:  # the released code's: mean summed suffix loss, no threshold
+            row["hard_negative"] = sf.intervention_score(nll_fn, hard, config, "good", None,
+                                                         args.batch_size)
+        if targeted is not None:
+            row["targeted"] = sf.text_loss(nll_fn, targeted, config, args.batch_size)
+        return row
 
     result: dict[str, Any] = {"method": args.method, "settings": dataclasses.asdict(settings),
                               "train": args.train, "eval": args.eval,
@@ -166,7 +175,9 @@ def _body(args: argparse.Namespace) -> dict[str, Any]:
     epochs = _table(f"{'sense' if selection else 'full'} finetuning, per epoch (lower is "
                     f"better)",
                     {("initial" if s["epoch"] == 0 else f"epoch {s['epoch']}"): s
-                     for s in stats}, ["intervention", "general", "train_loss"])
+                     for s in stats},
+                    ["intervention", "general", *(["hard_negative"] if hard else []),
+                     *(["targeted"] if targeted else []), "train_loss"])
     league_rows = {f"league {name}, {how}: epoch {row[how]['epoch']}": row[how]
                    for name, row in picked.items() for how in ("last", "best")}
     summary = _table("league selection (last: the released code's and the paper's pick)",
@@ -207,6 +218,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                               "term (default: --background)")
     p.add_argument("--background_limit", type=int, default=None,
                    help="use only the first N background texts")
+    p.add_argument("--hard_negative", metavar="FILE",
+                   help="also score these prefix/suffix lines (the authors' *hard_neg* files: "
+                        "mean suffix loss, lower is better)")
+    p.add_argument("--targeted", metavar="FILE",
+                   help="also score these texts (the authors' *_unconditional-* files: the "
+                        "canonical statements as plain text, mean token loss)")
     p.add_argument("--out", required=True, help="directory for results.json and the edit")
     p.add_argument("--method", choices=("senses", "full"), default="senses")
     p.add_argument("--loss", choices=sf.LOSSES, default="good")

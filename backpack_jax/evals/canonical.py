@@ -125,6 +125,8 @@ def _body(args: argparse.Namespace) -> dict[str, Any]:
     out = pathlib.Path(args.out)
     if not out.is_dir():
         raise FileNotFoundError(f"--out {out}: directory does not exist")
+    if args.ensemble and args.method != "senses":
+        raise ValueError("--ensemble needs --method senses (it adds the learned sense edit)")
     params, config = checkpoint.load(args.checkpoint)
     tok = get_tokenizer()
     train = sf.read_examples(args.train, tok, config)
@@ -198,8 +200,6 @@ def _body(args: argparse.Namespace) -> dict[str, Any]:
                          {"alone": ens["initial"], "with the edit": ens["edited"]},
                          ["intervention", "general"]).format())
             result["ensemble"] = {"model": args.ensemble, **ens}
-    elif args.ensemble:
-        raise ValueError("--ensemble needs --method senses (it adds the learned sense edit)")
     atomic.write_json(out / "results.json", result)
     print(f"wrote {out / 'results.json'}")
     return result

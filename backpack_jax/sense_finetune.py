@@ -10,7 +10,8 @@ additive update for each; nothing else of the model changes.
   `text`), tokenized with the positions whose next-token loss counts.
 - `select_senses`: the released code's alpha-mass selection (its `importance.py`).
 - `finetune`: Adam over the deltas (or, as the baseline, every parameter) with the released
-  trainer's loss, KL regularisation, schedule and step rule; `scores` evaluates after each epoch.
+  trainer's loss, KL regularisation, schedule and step rule, scoring the model after each epoch
+  with the protocol's `intervention_score` and `text_loss` (`evals.canonical` runs it all).
 
 The released code is followed where it and the paper differ; docs/experiments.md lists where.
 """

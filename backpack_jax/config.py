@@ -23,6 +23,7 @@ _HF_BOOKKEEPING_KEYS = frozenset({
     "summary_proj_to_labels", "summary_first_dropout", "task_specific_params",
     "tie_word_embeddings", "pad_token_id", "return_dict", "output_hidden_states",
     "output_attentions", "torchscript", "id2label", "label2id", "problem_type",
+    "sense_delta_pairs",  # an export's sense edit, read by sense_finetune.load_delta
 })
 # Keys HF configs carry whose value here must be the one given (this implementation has no other).
 _HF_FIXED_KEYS = {"reorder_and_upcast_attn": False, "add_cross_attention": False}

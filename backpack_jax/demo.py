@@ -2,7 +2,7 @@
 attribution of a prediction, and steer generation by editing senses.
 
     python -m backpack_jax.demo --checkpoint DIR [--port 7860] [--host 127.0.0.1]
-        [--topic_cache PATH.npy] [--no_sense_table] [--compile_cache DIR]
+        [--topic_cache PATH.npy] [--no_sense_table] [--compile_cache DIR] [--sense_edit PATH]
 
 `Demo` holds the model and does the work with the library functions (it is what the tests
 compare against them); `build_app` is the Gradio layer over it (`pip install
@@ -33,6 +33,7 @@ from backpack_jax import (
     cli,
     generate,
     interventions,
+    sense_finetune,
     sense_table,
     senses,
     topic,
@@ -53,7 +54,8 @@ PLOT_TOKENS = 64  # the longest text the heatmaps and the attribution grid show
 # little more at 64 positions, and fewer widths compile at start-up.
 SMALLEST_WIDTH = 64
 PAPER_SENSE = 10  # the paper's gender debiasing removed sense 10 of a profession word
-INTERVENTIONS = ("scale a sense", "topic", "knowledge edit")
+INTERVENTIONS = ("scale a sense", "topic", "knowledge edit")  # each with its row of controls
+LEARNED = "learned edit (--sense_edit)"  # no controls: the file given at start-up
 COMPILE_CACHE = "~/.cache/backpack_jax/xla"
 
 
@@ -71,8 +73,9 @@ class Demo:
     """
 
     def __init__(self, params: Params, config: BackpackConfig, topic_cache: str,
-                 table: sense_table.SenseTable | None = None):
-        self.params, self.config, self.table = params, config, table
+                 table: sense_table.SenseTable | None = None,
+                 learned: sense_finetune.SenseDelta | None = None):
+        self.params, self.config, self.table, self.learned = params, config, table, learned
         self.tokenizer = get_tokenizer()
         self.topic_cache = topic_cache
         self._max_logits_VxK: np.ndarray | None = None
@@ -85,12 +88,20 @@ class Demo:
 
     @classmethod
     def load(cls, checkpoint_path: str, topic_cache: str | None = None,
-             with_table: bool = True) -> Demo:
+             with_table: bool = True, sense_edit: str | None = None) -> Demo:
         """The demo of a checkpoint; `with_table` builds the sense table (`sense_table.nbytes`
-        of memory) for faster generation."""
+        of memory) for faster generation; `sense_edit` is a learned edit's file
+        (`sense_finetune.save_delta`), offered among the interventions."""
         params, config = checkpoint.load(checkpoint_path)
+        learned = None if sense_edit is None else sense_finetune.load_delta(sense_edit, config)
         table = sense_table.build(params, config) if with_table else None
-        return cls(params, config, topic_cache or _default_cache(checkpoint_path), table)
+        return cls(params, config, topic_cache or _default_cache(checkpoint_path), table,
+                   learned)
+
+    @property
+    def interventions(self) -> list[str]:
+        """The kinds of intervention offered: the learned edit too when there is one."""
+        return [*INTERVENTIONS, *([LEARNED] if self.learned is not None else [])]
 
     # ------------------------------------------------------------------------------ inputs
 
@@ -272,7 +283,8 @@ class Demo:
             self.attribute(" a" * width, -1)
         edits = [None, self.scale_edit("a", 0, 1.0), self.knowledge("a", "b", "c"),
                  topic.TopicControl.from_weights(
-                     np.ones((self.config.vocab_size, self.config.num_senses), np.float32))]
+                     np.ones((self.config.vocab_size, self.config.num_senses), np.float32)),
+                 *([self.learned] if self.learned is not None else [])]
         for width in self.prompt_lengths:
             for edit in edits:
                 for temperature in (0.0, 1.0):
@@ -349,6 +361,8 @@ def build_app(demo: Demo) -> Any:
             elif kind == "knowledge edit":
                 edit = demo.knowledge(edit_word, remove, add)
                 note = demo.several_tokens(edit_word, "each token edited")
+            elif kind == LEARNED and demo.learned is not None:
+                edit = demo.learned
             else:
                 raise ValueError(f"unknown intervention {kind!r}")
             for panes in demo.side_by_side(prompt, int(max_new_tokens), edit,
@@ -396,7 +410,7 @@ def build_app(demo: Demo) -> Any:
             with gr.Row():
                 prompt = gr.Textbox(label="prompt", value="The nurse said that", elem_id="prompt")
                 max_new = gr.Slider(1, MAX_NEW_TOKENS, value=20, step=1, label="new tokens")
-            kind = gr.Radio(list(INTERVENTIONS), value=INTERVENTIONS[0], label="intervention")
+            kind = gr.Radio(demo.interventions, value=INTERVENTIONS[0], label="intervention")
             visible = dict(zip(INTERVENTIONS, shown_interventions(kind.value), strict=True))
             with gr.Row(visible=visible["scale a sense"]) as scale_row:
                 s_word = gr.Textbox(value="nurse", label="scale: word")
@@ -440,6 +454,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--compile_cache", metavar="DIR", default=COMPILE_CACHE,
                    help="keep XLA's compiled code here so that later starts skip most of the "
                         "compiling ('' turns it off)")
+    p.add_argument("--sense_edit", metavar="PATH",
+                   help="a learned sense edit (sense_delta.safetensors from "
+                        "backpack_jax.evals.canonical) to steer with")
     cli.run(p, argv, _serve)
 
 
@@ -448,7 +465,8 @@ def _serve(args: argparse.Namespace) -> None:
     if args.compile_cache:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(args.compile_cache))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    demo = Demo.load(args.checkpoint, args.topic_cache, with_table=not args.no_sense_table)
+    demo = Demo.load(args.checkpoint, args.topic_cache, with_table=not args.no_sense_table,
+                     sense_edit=args.sense_edit)
     print("compiling every control's shapes ...", flush=True)
     demo.warm_up()
     app = build_app(demo).queue()

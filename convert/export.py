@@ -18,7 +18,9 @@ from typing import Any
 from backpack_jax import checkpoint, hf, tokenizer
 from backpack_jax.atomic import atomic_path
 from backpack_jax.config import BackpackConfig
+from backpack_jax.hf.names import SENSE_EDIT_PREFIX
 from backpack_jax.model import Params
+from backpack_jax.sense_finetune import SenseDelta, delta_tensors, load_delta
 
 MODEL_TYPE = "backpack-gpt2"
 CODE_DIR = pathlib.Path(__file__).parent / "hf_export"
@@ -37,8 +39,8 @@ EOT = "<|endoftext|>"
 
 
 def save_hf(params: Params, config: BackpackConfig, out_dir: str | os.PathLike, *,
-            hub_code: bool = False, trained_in: str | os.PathLike | None = None
-            ) -> pathlib.Path:
+            hub_code: bool = False, trained_in: str | os.PathLike | None = None,
+            sense_edit: SenseDelta | str | os.PathLike | None = None) -> pathlib.Path:
     """Writes a Hugging Face directory that transformers loads as a Backpack.
 
     Args:
@@ -47,11 +49,20 @@ def save_hf(params: Params, config: BackpackConfig, out_dir: str | os.PathLike, 
         attention mask, loss, cache or `generate()`.
       trained_in: the training workdir (or one of its steps) the params come from; the model
         card then says how they were trained.
+      sense_edit: a learned sense edit (`sense_finetune.SenseDelta` or a file `save_delta`
+        wrote) that the exported model applies: its pairs and deltas are buffers of the model.
     """
-    out_dir = hf.write_hf(params, config, out_dir)
+    if sense_edit is not None and hub_code:
+        raise ValueError("a sense edit needs this project's model code, not --hub-code")
+    if sense_edit is not None and not isinstance(sense_edit, SenseDelta):
+        sense_edit = load_delta(sense_edit, config)
+    edit = {} if sense_edit is None else delta_tensors(sense_edit, SENSE_EDIT_PREFIX)
+    out_dir = hf.write_hf(params, config, out_dir, extra=edit)
     hf_config = config.to_hf_dict() | {
         "model_type": MODEL_TYPE, "auto_map": HUB_AUTO_MAP if hub_code else LOCAL_AUTO_MAP,
         "dtype": "float32", "tie_word_embeddings": True, "use_cache": True}
+    if sense_edit is not None:
+        hf_config["sense_delta_pairs"] = len(sense_edit.pairs)
     _write_text(out_dir / hf.CONFIG_FILE, json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     if not hub_code:
         for name in CODE_FILES:

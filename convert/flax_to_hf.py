@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hub-code", action="store_true",
                    help=f"point auto_map at the authors' code on the Hub ({HUB_CODE_REPO}) "
                         f"instead of copying ours in (loading then needs the network)")
+    p.add_argument("--sense_edit", metavar="PATH",
+                   help="a learned sense edit (sense_delta.safetensors from "
+                        "backpack_jax.evals.canonical) for the exported model to apply")
     cli.run(p, argv, _convert)
 
 
@@ -35,7 +38,7 @@ def _convert(args: argparse.Namespace) -> None:
     params, config = checkpoint.load(args.src)  # A ConversionError is a ValueError: one line.
     src = pathlib.Path(args.src).expanduser().absolute()
     save_hf(params, config, args.out, hub_code=args.hub_code,
-            trained_in=src if _is_training_run(src) else None)
+            trained_in=src if _is_training_run(src) else None, sense_edit=args.sense_edit)
     print(f"wrote {args.out}: {model.count_params(params):,} parameters")
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
-from backpack_jax import checkpoint, generate, hf, model
+from backpack_jax import checkpoint, generate, hf, model, sense_finetune
 from backpack_jax.config import get_model_config
 from backpack_jax.hf import from_state_dict, load_hf
 from convert import export, flax_to_hf, save_hf
@@ -237,3 +237,42 @@ def test_model_card_has_metadata_config_and_training(tmp_path):
     assert f"for {step:,} steps ({step * 32:,} tokens)" in card
     assert f"Held-out loss {summary['eval_loss']:.4f}" in card
     assert "| num_senses |" in card
+
+
+def test_a_learned_sense_edit_travels_with_the_export(params, tmp_path, capsys):
+    rng = np.random.default_rng(7)
+    x = ids(2, 9, seed=3)
+    pairs = [(int(x[0, 1]), 0), (int(x[0, 4]), 3), (int(x[1, 2]), 1)]
+    edit = sense_finetune.sense_delta(CONFIG, pairs, rng.normal(size=(3, CONFIG.n_embd)))
+    sense_finetune.save_delta(tmp_path / "edit.safetensors", edit, CONFIG)
+    out = save_hf(params, CONFIG, tmp_path / "export", sense_edit=tmp_path / "edit.safetensors")
+    edited = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    want = np.asarray(model.apply(params, jnp.asarray(x), CONFIG, sense_edit=edit).logits)
+    plain = np.asarray(model.apply(params, jnp.asarray(x), CONFIG).logits)
+    with torch.no_grad():
+        got = edited(torch.as_tensor(x), use_cache=False).logits.numpy()
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    assert np.abs(want - plain).max() > 1e-2  # the edit changes the logits
+    # Cached generation applies the edit too: the step logits equal the full pass.
+    with torch.no_grad():
+        first = edited(torch.as_tensor(x[:, :5]), use_cache=True)
+        step = edited(torch.as_tensor(x[:, 5:6]), cache=first.cache, use_cache=True)
+    np.testing.assert_allclose(step.logits.numpy()[:, 0], want[:, 5], atol=1e-5 * np.abs(
+        want).max())
+    # Read back: the parameters as they were, and the edit by one call.
+    read, config = load_hf(out)
+    assert "carries a learned sense edit" in capsys.readouterr().err
+    for a, b in zip(jax.tree.leaves(read), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    back = sense_finetune.load_delta(out, config)
+    assert back.pairs == pairs
+    np.testing.assert_array_equal(np.asarray(back.delta_RxD), np.asarray(edit.delta_RxD))
+
+
+def test_an_export_without_an_edit_has_no_edit_tensors(export_dir):
+    _, info = AutoModelForCausalLM.from_pretrained(export_dir, trust_remote_code=True,
+                                                   output_loading_info=True)
+    assert not any(info.values()), info  # nothing missing, unexpected or mismatched
+    assert "sense_delta_pairs" not in json.loads((export_dir / "config.json").read_text())
+    with pytest.raises(ValueError, match="holds no sense delta"):
+        sense_finetune.load_delta(export_dir, CONFIG)

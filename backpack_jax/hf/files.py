@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import sys
+from collections.abc import Mapping
 
 import numpy as np
 import safetensors
@@ -19,6 +21,7 @@ import tqdm
 
 from backpack_jax.atomic import atomic_path
 from backpack_jax.config import BackpackConfig
+from backpack_jax.hf import names
 from backpack_jax.hf.state_dict import ConversionError, from_state_dict, to_state_dict
 from backpack_jax.model import Params
 
@@ -146,21 +149,27 @@ def load_hf(path: str | os.PathLike) -> tuple[Params, BackpackConfig]:
         config = read_config(directory)
     except (OSError, ValueError, TypeError) as e:
         raise ConversionError(f"cannot read {directory / CONFIG_FILE}: {e}") from e
-    params = from_state_dict(read_tensors(path), config)
-    return params, config
+    tensors = read_tensors(path)
+    if any(names.is_sense_edit(name) for name in tensors):
+        print(f"note: {directory} carries a learned sense edit; these are the unedited "
+              f"parameters (sense_finetune.load_delta({str(directory)!r}, config) reads the "
+              f"edit)", file=sys.stderr)
+    return from_state_dict(tensors, config), config
 
 
-def write_hf(params: Params, config: BackpackConfig, out_dir: str | os.PathLike) -> pathlib.Path:
+def write_hf(params: Params, config: BackpackConfig, out_dir: str | os.PathLike,
+             extra: Mapping[str, np.ndarray] | None = None) -> pathlib.Path:
     """Writes config.json and model.safetensors that the HF remote code loads.
 
     The tied embeddings are stored once, as `backpack.gpt2_model.{wte,wpe}.weight`; the
-    safetensors metadata says `format: pt`, which transformers requires.
+    safetensors metadata says `format: pt`, which transformers requires. `extra` tensors (an
+    export's sense edit) are written beside the parameters.
     """
     out_dir = pathlib.Path(out_dir)
     target = out_dir / SAFETENSORS
     if target.exists():
         raise FileExistsError(f"{target} already exists; choose a new directory")
-    tensors = to_state_dict(params, config)
+    tensors = to_state_dict(params, config) | dict(extra or {})
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + ".tmp")
     safetensors.numpy.save_file(tensors, str(tmp), metadata={"format": "pt"})

@@ -40,6 +40,7 @@ TRANSPOSED = frozenset({"backpack.sense_weight_net.c_attn.weight"})
 
 # Non-parameter buffers of old GPT-2 attention modules: the bool causal mask and its fill value.
 _BUFFER = re.compile(r"backpack\.gpt2_model\.h\.(\d+)\.attn\.(bias|masked_bias)")
+SENSE_EDIT_PREFIX = "sense_delta."
 _LAYER = re.compile(r"h_\d+")
 _LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 
@@ -78,6 +79,12 @@ def is_buffer(name: str, config: BackpackConfig) -> bool:
     """True for the attention-mask buffers of a layer the config has (they carry no weights)."""
     match = _BUFFER.fullmatch(name)
     return match is not None and int(match.group(1)) < config.n_layer
+
+
+def is_sense_edit(name: str) -> bool:
+    """True for the tensors of a learned sense edit in an export (`sense_finetune`): not
+    parameters of the model, so a reader of the parameters skips them."""
+    return name.startswith(SENSE_EDIT_PREFIX)
 
 
 def tied_names(canonical: str) -> Iterator[str]:

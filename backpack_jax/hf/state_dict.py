@@ -87,7 +87,8 @@ def from_state_dict(tensors: Mapping[str, Any], config: BackpackConfig) -> Param
     """Builds the Flax parameter tree from HF-named tensors (numpy or anything array-like).
 
     Accepts the tied tensors under any of their names (`names.ALIASES`, at least one present,
-    all equal) and ignores GPT-2's attention-mask buffers. Half precision becomes float32.
+    all equal) and ignores GPT-2's attention-mask buffers and an export's sense edit. Half
+    precision becomes float32.
 
     Raises:
       ConversionError: naming every config field the shapes contradict, or else every missing,
@@ -103,7 +104,7 @@ def from_state_dict(tensors: Mapping[str, Any], config: BackpackConfig) -> Param
     for name, value in tensors.items():
         entry = expected.get(name)
         if entry is None:
-            if not names.is_buffer(name, config):
+            if not (names.is_buffer(name, config) or names.is_sense_edit(name)):
                 problems.append(f"unexpected tensor {name} with shape {list(np.shape(value))}")
         elif tuple(np.shape(value)) != entry.hf_shape:
             problems.append(f"misshaped tensor {name}: shape {list(np.shape(value))}, expected "

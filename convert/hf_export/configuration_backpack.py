@@ -19,3 +19,4 @@ class BackpackGPT2Config(GPT2Config):
     num_senses: int = 16
     sense_intermediate_scale: int = 4
     scale_attn_by_inverse_layer_idx: bool = True
+    sense_delta_pairs: int = 0  # (token, sense) pairs of a learned sense edit, 0 for none

@@ -157,6 +157,28 @@ class BackpackWeightNetwork(nn.Module):
         return torch.softmax(scores, dim=-1)
 
 
+class BackpackSenseDelta(nn.Module):
+    """A learned sense edit (backpack_jax.sense_finetune.SenseDelta): delta[r] is added to sense
+    `sense[r]` of token `token[r]` wherever it occurs. Buffers, so they load with the weights;
+    an export without an edit has zero pairs."""
+
+    def __init__(self, config: BackpackGPT2Config):
+        super().__init__()
+        pairs = getattr(config, "sense_delta_pairs", 0)
+        kept = pairs > 0  # without an edit nothing is saved or expected in the weights
+        self.register_buffer("token", torch.zeros(pairs, dtype=torch.long), persistent=kept)
+        self.register_buffer("sense", torch.zeros(pairs, dtype=torch.long), persistent=kept)
+        self.register_buffer("delta", torch.zeros(pairs, config.n_embd), persistent=kept)
+
+    def forward(self, input_ids, senses):
+        """senses [B, K, S, D] of `input_ids` [B, S], with the deltas added."""
+        if self.token.numel() == 0:
+            return senses
+        hit = (input_ids[..., None] == self.token).to(senses.dtype)  # [B, S, R]
+        at = F.one_hot(self.sense, senses.shape[1]).to(senses.dtype)  # [R, K]
+        return senses + torch.einsum("bsr,rk,rd->bksd", hit, at, self.delta.to(senses.dtype))
+
+
 class BackpackGPT2Model(nn.Module):
     """The checkpoint's `backpack` module: GPT-2, the sense network and the weight network."""
 
@@ -200,6 +222,7 @@ class BackpackGPT2LMHeadModel(BackpackGPT2PreTrainedModel, GenerationMixin):
     def __init__(self, config: BackpackGPT2Config):
         super().__init__(config)
         self.backpack = BackpackGPT2Model(config)
+        self.sense_delta = BackpackSenseDelta(config)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -209,8 +232,10 @@ class BackpackGPT2LMHeadModel(BackpackGPT2PreTrainedModel, GenerationMixin):
         self.backpack.gpt2_model.wte = value
 
     def senses(self, input_ids: torch.LongTensor) -> torch.Tensor:
-        """Sense vectors [B, K, S, D] of each token (they do not depend on context)."""
-        return self.backpack.sense_network(self.backpack.gpt2_model.wte(input_ids))
+        """Sense vectors [B, K, S, D] of each token (they do not depend on context), with the
+        learned sense edit if the export carries one."""
+        senses = self.backpack.sense_network(self.backpack.gpt2_model.wte(input_ids))
+        return self.sense_delta(input_ids, senses)
 
     def _output(self, contextualization, senses, all_senses, labels, cache,
                 output_contextualization, output_senses):

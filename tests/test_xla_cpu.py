@@ -87,17 +87,19 @@ def test_forward_and_gradients_equal_the_plain_form(dtype, batch, seq, tokens, c
             assert _err(got, fp32) <= 1.5 * _err(want, fp32) + 1e-3 * _scale(fp32), what
 
 
-def test_cached_decoding_equals_the_plain_form():
+@pytest.mark.parametrize("batch", [1, 2])  # 1: the matmul splits its contraction
+def test_cached_decoding_equals_the_plain_form(batch):
     """A prefill and three decode steps through the cache, as `generate` runs them."""
     config, _, params = _odd()
-    prompt_BxP = _ids(config, 2, 5, seed=7)
+    prompt_BxP = _ids(config, batch, 5, seed=7)
     length = 8
 
     def decode(kernels):
         lm = model.BackpackLM(config, kernels=kernels)
         attend_BxPxT = jnp.tril(jnp.ones((5, length), bool))[None]
+        cache = decode_cache.DecodeCache.zeros(config, batch, length)
         out, cache = lm.apply({"params": params}, prompt_BxP, jnp.arange(5)[None],
-                              attend_BxPxT, cache=decode_cache.DecodeCache.zeros(config, 2, length))
+                              attend_BxPxT, cache=cache)
         logits = [out.logits[:, -1]]
         for index in range(5, length):
             token_Bx1 = logits[-1].argmax(-1)[:, None]

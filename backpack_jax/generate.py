@@ -160,13 +160,14 @@ def _check_sampling(config: BackpackConfig, max_new_tokens: int, temperature: fl
 SAMPLE_BLOCK = 256  # tokens per block of `_draw`'s two-level search
 
 
-def _first_above(cum_BxN: jax.Array, u_B: jax.Array, weights_BxN: jax.Array) -> jax.Array:
-    """The first index whose cumulative weight exceeds u and whose own weight is positive; the
-    last positive one when rounding carries u past the end."""
-    positive_BxN = weights_BxN > 0
-    hit_BxN = (cum_BxN > u_B[:, None]) & positive_BxN
-    last_B = cum_BxN.shape[1] - 1 - jnp.argmax(positive_BxN[:, ::-1], axis=-1)
-    return jnp.where(hit_BxN.any(-1), jnp.argmax(hit_BxN, axis=-1), last_B)
+def _first_above(cum: jax.Array, u_B: jax.Array, weights: jax.Array) -> jax.Array:
+    """Per row of `cum` (cumulative `weights`, [B, n] each), the first index whose cumulative
+    weight exceeds u and whose own weight is positive; the last positive one when rounding
+    carries u past the end."""
+    positive = weights > 0
+    hit = (cum > u_B[:, None]) & positive
+    last_B = cum.shape[1] - 1 - jnp.argmax(positive[:, ::-1], axis=-1)
+    return jnp.where(hit.any(-1), jnp.argmax(hit, axis=-1), last_B)
 
 
 def inverse_cdf(weights_BxV: jax.Array, u_B: jax.Array) -> jax.Array:
@@ -174,17 +175,17 @@ def inverse_cdf(weights_BxV: jax.Array, u_B: jax.Array) -> jax.Array:
     [0, 1)): the sums of blocks of SAMPLE_BLOCK tokens locate the block, then the tokens within
     it, so no cumulative sum runs over the whole vocabulary. Zero weights are never chosen."""
     B, V = weights_BxV.shape
-    W = SAMPLE_BLOCK
-    N = -(-V // W)
-    w_BxNxW = jnp.pad(weights_BxV, ((0, 0), (0, N * W - V))).reshape(B, N, W)
-    sums_BxN = w_BxNxW.sum(-1)
-    cum_BxN = jnp.cumsum(sums_BxN, axis=-1)
-    target_B = u_B * cum_BxN[:, -1]
-    n_B = _first_above(cum_BxN, target_B, sums_BxN)
-    before_B = jnp.take_along_axis(cum_BxN - sums_BxN, n_B[:, None], axis=1)[:, 0]
-    block_BxW = jnp.take_along_axis(w_BxNxW, n_B[:, None, None], axis=1)[:, 0]
-    j_B = _first_above(jnp.cumsum(block_BxW, axis=-1), target_B - before_B, block_BxW)
-    return (n_B * W + j_B).astype(jnp.int32)
+    width = SAMPLE_BLOCK
+    n_blocks = -(-V // width)
+    blocks = jnp.pad(weights_BxV, ((0, 0), (0, n_blocks * width - V))).reshape(B, n_blocks, width)
+    block_sums = blocks.sum(-1)
+    cum_sums = jnp.cumsum(block_sums, axis=-1)
+    target_B = u_B * cum_sums[:, -1]
+    block_B = _first_above(cum_sums, target_B, block_sums)
+    before_B = jnp.take_along_axis(cum_sums - block_sums, block_B[:, None], axis=1)[:, 0]
+    chosen = jnp.take_along_axis(blocks, block_B[:, None, None], axis=1)[:, 0]
+    within_B = _first_above(jnp.cumsum(chosen, axis=-1), target_B - before_B, chosen)
+    return (block_B * width + within_B).astype(jnp.int32)
 
 
 def _draw(key: jax.Array, logits_BxV: jax.Array) -> jax.Array:

@@ -208,5 +208,9 @@ class HeldoutSelector:
         digest = hashlib.blake2b(f"{self.seed}\0{key}".encode(), digest_size=8).digest()
         return int.from_bytes(digest, "big") / 2**64
 
+    def keeps(self, rank: float) -> bool:
+        """Whether a key of this rank is on this selector's side."""
+        return (rank < self.fraction) == self.heldout
+
     def __call__(self, key: str) -> bool:
-        return (self.rank(key) < self.fraction) == self.heldout
+        return self.keeps(self.rank(key))

@@ -117,7 +117,7 @@ class _ShardTokens:
     tokens: list[np.ndarray]
     skipped: list[str]
     empty: int
-    lowest: tuple[float, str] | None = None  # (rank, key) of the lowest held-out rank seen
+    lowest: tuple[float, str] | None = None  # (rank, key) of the lowest rank, held-out pass
 
 
 def _tokenize_task(task: Task) -> _ShardTokens:
@@ -127,9 +127,11 @@ def _tokenize_task(task: Task) -> _ShardTokens:
     result = _ShardTokens([], [], 0)
 
     def keep_and_rank(key: str) -> bool:
-        if isinstance(keep, HeldoutSelector):
-            result.lowest = min(result.lowest or (1.0, key), (keep.rank(key), key))
-        return keep(key)
+        if not (isinstance(keep, HeldoutSelector) and keep.heldout):
+            return keep(key)
+        rank = keep.rank(key)  # the held-out pass notes its lowest rank (one hash per key)
+        result.lowest = min(result.lowest or (rank, key), (rank, key))
+        return keep.keeps(rank)
 
     for key, text in shard.documents(keep_and_rank):
         if text is None:
